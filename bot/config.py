@@ -1,0 +1,198 @@
+"""All settings, read once: environment (DIALOGBOT_*), a `.env` file, an optional TOML file.
+
+Priority: explicit arguments > environment > .env > TOML file > defaults.
+A bad value raises `ConfigError` with one line naming the setting; secrets never appear in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bot.errors import ConfigError
+from bot.events import DecodingSettings
+
+ENV_PREFIX = "DIALOGBOT_"
+_toml_file: ContextVar[Path | None] = ContextVar("dialogbot_toml_file", default=None)
+SECRET_FIELDS = ("discord_token", "telegram_token", "telegram_webhook_secret",
+                 "generator_api_key")
+PLATFORMS = ("console", "telegram", "discord")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
+    return value
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8",
+        extra="ignore", validate_default=True, case_sensitive=False,
+    )
+
+    # --- model and generation -------------------------------------------------------------
+    model: str = Field("microsoft/DialoGPT-medium", min_length=1,
+                       description="Hub id or local directory of a DialoGPT model.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
+    torch_threads: int | None = Field(None, ge=1, le=256,
+                                      description="torch intra-op threads (default: torch's).")
+    generation_timeout: float = Field(120.0, gt=0, le=3600,
+                                      description="Seconds before a generation is abandoned.")
+    queue_size: int = Field(64, ge=1, le=100_000,
+                            description="Generation requests that may wait; more get 'busy'.")
+    history_turns: int = Field(64, ge=1, le=1000,
+                               description="Most recent turns read for a prompt.")
+    fallback_reply: str = Field("I'm not sure what to say to that.", min_length=1)
+
+    # decoding defaults (overridable per channel with /settings)
+    do_sample: bool = True
+    temperature: float = Field(0.8, gt=0, le=5)
+    top_k: int = Field(50, ge=0, le=50257)
+    top_p: float = Field(0.9, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=1, le=5)
+    no_repeat_ngram_size: int = Field(3, ge=0, le=10)
+    max_new_tokens: int = Field(64, ge=1, le=512)
+
+    # --- storage ----------------------------------------------------------------------------
+    database_url: str = Field("sqlite+aiosqlite:///data/dialogbot.db", min_length=1)
+
+    # --- limits -----------------------------------------------------------------------------
+    user_rate: int = Field(8, ge=1, description="Messages a user may send per user_period.")
+    user_period: float = Field(60.0, gt=0)
+    channel_rate: int = Field(30, ge=1, description="Messages a channel may send per period.")
+    channel_period: float = Field(60.0, gt=0)
+
+    # --- access -----------------------------------------------------------------------------
+    admin_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- platforms --------------------------------------------------------------------------
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str | None = None
+    telegram_base_file_url: str | None = None
+    telegram_webhook_url: str | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535)
+    telegram_webhook_secret: SecretStr | None = None
+
+    discord_token: SecretStr | None = None
+    discord_channels: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discord_shards: str | None = Field(None, description="unset = one connection; 'auto'; or N")
+
+    # --- operations -------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _admin_ids(cls, value: Any) -> Any:
+        value = _split_list(value)
+        for entry in value or []:
+            platform, _, ident = str(entry).partition(":")
+            if platform not in PLATFORMS or not ident:
+                raise ValueError(f"entries look like telegram:123 or discord:456, got {entry!r}")
+        return value
+
+    @field_validator("discord_channels", mode="before")
+    @classmethod
+    def _discord_channels(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("discord_shards")
+    @classmethod
+    def _shards(cls, value: str | None) -> str | None:
+        if value in (None, "", "auto"):
+            return value or None
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError("use 'auto' or a positive number of shards")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("telegram_token", "discord_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings, file_secret_settings]
+        toml = _toml_file.get()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # --- derived ----------------------------------------------------------------------------
+    @property
+    def decoding(self) -> DecodingSettings:
+        return DecodingSettings(
+            do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size, max_new_tokens=self.max_new_tokens)
+
+    def secrets(self) -> list[str]:
+        """Every secret value in force, for the log redaction filter."""
+        out = []
+        for name in SECRET_FIELDS:
+            value = getattr(self, name, None)
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                out.append(value.get_secret_value())
+        return out
+
+    def enabled_platforms(self) -> list[str]:
+        found = [p for p in ("telegram", "discord") if getattr(self, f"{p}_token")]
+        return found or ["console"]
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_config(config_file: str | Path | None = None, **overrides: Any) -> Config:
+    """Build the one settings object, or raise ConfigError with one clear line."""
+    path = Path(config_file) if config_file else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    token = _toml_file.set(path)
+    try:
+        return Config(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except ValueError as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"{path or 'configuration'}: {exc}") from None
+    finally:
+        _toml_file.reset(token)
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = "" if field in SECRET_FIELDS else f" (got {err.get('input')!r})"
+        parts.append(f"{env_name(field)}: {msg}{shown}")
+    return "invalid setting: " + "; ".join(parts)
+
+
+def configure_logging(config: Config) -> None:
+    from bot.logs import setup_logging
+
+    setup_logging(config.log_level, config.secrets())
+    logging.getLogger(__name__).debug("logging configured")
