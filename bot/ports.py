@@ -31,11 +31,14 @@ class Adapter(Protocol):
       platform (chat admin, Manage Messages). Configured admin ids are checked by the core.
     - `typing(event)` is an async context manager that shows "typing..." until it exits.
     - `rate_limited` is False only for a local console: inbound limits do not apply.
+    - `outbound_rate` is (messages, seconds) per channel the core paces replies to before
+      calling `send`, or None when the platform library already paces (PTB AIORateLimiter).
     """
 
     name: str
     max_message_length: int
     rate_limited: bool
+    outbound_rate: tuple[int, float] | None
 
     async def start(self, pipeline: "Pipeline") -> None: ...
 
@@ -75,8 +78,8 @@ class Store(Protocol):
 
     async def count(self, platform: str | None = None, channel: str | None = None) -> int: ...
 
-    async def pending(self, since_seconds: float) -> list[Turn]:
-        """User turns still PENDING (never answered), oldest first."""
+    async def pending(self) -> list[Turn]:
+        """Every user turn still PENDING (never answered nor skipped), oldest first."""
         ...
 
     async def mark(self, turn_ids: Sequence[int], state: str) -> None: ...
