@@ -1,0 +1,180 @@
+"""The generator: DialoGPT replies produced off the event loop, in exactly one worker thread.
+
+`LocalGenerator` is the async facade (the `Generator` seam): it queues a job and awaits its
+future. `GenerationWorker` is the only place where model and tokenizer work runs. A `Backend`
+does the model-specific work synchronously inside the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from bot.errors import BusyError, GenerationError, GenerationTimeout
+from bot.events import DecodingSettings, Generated, GenerationRequest, Role
+from bot.prompt import build_prompt, prompt_budget, text_tail
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """Synchronous model access; every method is called from the worker thread only.
+
+    `generate` returns the new token ids (the end-of-text token not included) and stops early
+    when `cancel` is set.
+    """
+
+    eos_token_id: int
+    n_positions: int
+
+    def load(self) -> None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def generate(self, prompt: list[int], settings: DecodingSettings,
+                 cancel: threading.Event) -> list[int]: ...
+
+
+@dataclass(slots=True)
+class _Job:
+    request: GenerationRequest
+    future: asyncio.Future[Generated]
+    loop: asyncio.AbstractEventLoop
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class GenerationWorker:
+    """One thread that loads the backend and serves jobs from a queue, one at a time."""
+
+    def __init__(self, backend: Backend, fallback_reply: str):
+        self.backend = backend
+        self.fallback_reply = fallback_reply
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Start the thread; the returned future resolves once the model is loaded."""
+        loaded: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(loop, loaded),
+                                        name="dialogbot-generator", daemon=True)
+        self._thread.start()
+        return loaded
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self.jobs.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- inside the worker thread -----------------------------------------------------------
+    def _run(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
+        try:
+            self.backend.load()
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop, thread ends
+            _resolve(loop, loaded, exc=exc)
+            return
+        _resolve(loop, loaded, result=None)
+        while (job := self.jobs.get()) is not None:
+            if job.cancel.is_set() or job.future.done():
+                continue
+            try:
+                result = self.produce(job.request, job.cancel)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+                log.exception("generation failed for %s", job.request.channel_key)
+                _resolve(job.loop, job.future, exc=GenerationError(str(exc) or type(exc).__name__))
+            else:
+                _resolve(job.loop, job.future, result=result)
+
+    def encode_turns(self, request: GenerationRequest) -> list[list[int]]:
+        budget = self.budget(request.settings)
+        out = []
+        for turn in request.turns:
+            if turn.role is Role.BOT and turn.token_ids:
+                out.append(list(turn.token_ids))
+            else:
+                out.append(self.backend.encode(text_tail(turn.text, budget)))
+        return out
+
+    def budget(self, settings: DecodingSettings) -> int:
+        return prompt_budget(self.backend.n_positions, settings.max_new_tokens)
+
+    def produce(self, request: GenerationRequest, cancel: threading.Event) -> Generated:
+        """Prompt, generate, decode; an empty reply is retried once with sampling, then the
+        fallback line is used (never an empty message)."""
+        backend, settings = self.backend, request.settings
+        prompt = build_prompt(self.encode_turns(request), self.budget(settings),
+                              backend.eos_token_id)
+        ids = backend.generate(prompt, settings, cancel)
+        text = backend.decode(ids).strip()
+        if not text and not cancel.is_set():
+            retry = replace(settings, do_sample=True) if not settings.do_sample else settings
+            ids = backend.generate(prompt, retry, cancel)
+            text = backend.decode(ids).strip()
+        if not text:
+            return Generated(self.fallback_reply, (), len(prompt), fallback=True)
+        return Generated(text, tuple(ids), len(prompt))
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, *, result=None,
+             exc: BaseException | None = None) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+class LocalGenerator:
+    """The `Generator` seam over a local backend: a bounded queue in front of one worker."""
+
+    def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
+                 fallback_reply: str = "I'm not sure what to say to that."):
+        self.worker = GenerationWorker(backend, fallback_reply)
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self._waiting = 0
+
+    @property
+    def backend(self) -> Backend:
+        return self.worker.backend
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def start(self) -> None:
+        await self.worker.start(asyncio.get_running_loop())
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.worker.stop, 30.0)
+
+    def forget_channel(self, channel_key: str) -> None:
+        """Nothing is cached per channel by this generator."""
+
+    async def reply(self, request: GenerationRequest) -> Generated:
+        if self._waiting >= self.queue_size:
+            raise BusyError(f"generation queue full ({self.queue_size})")
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop.create_future(), loop)
+        self._waiting += 1
+        try:
+            self.worker.jobs.put(job)
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)
+        except TimeoutError:
+            raise GenerationTimeout(f"no reply within {self.timeout:g}s") from None
+        finally:
+            job.cancel.set()  # stops the model at its next step if still running
+            self._waiting -= 1

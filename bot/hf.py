@@ -1,0 +1,98 @@
+"""The transformers backend: DialoGPT loaded with `from_pretrained`, run with torch.
+
+Imported only by the composition root when the local generator is configured, so the rest of
+the core never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from bot.errors import ConfigError
+from bot.events import DecodingSettings
+
+log = logging.getLogger(__name__)
+
+
+def model_error(model_id: str, exc: BaseException) -> ConfigError:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    where = ("HF_HUB_OFFLINE=1 is set, so only the local cache is used"
+             if offline else "downloading from the Hugging Face hub failed or the id is wrong")
+    return ConfigError(
+        f"DIALOGBOT_MODEL={model_id!r} could not be loaded ({where}: {reason}). Set "
+        "DIALOGBOT_MODEL to a local directory holding config.json, the weights and the "
+        "tokenizer files (vocab.json + merges.txt or tokenizer.json), or to a hub id such as "
+        "microsoft/DialoGPT-medium with network access.")
+
+
+class TransformersBackend:
+    """GPT-2 / DialoGPT through `AutoModelForCausalLM`; greedy or sampled `generate`."""
+
+    def __init__(self, model_id: str, *, device: str = "cpu", threads: int | None = None):
+        self.model_id = model_id
+        self.device = device
+        self.threads = threads
+        self.model = None
+        self.tokenizer = None
+        self.eos_token_id = 50256
+        self.n_positions = 1024
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            model = AutoModelForCausalLM.from_pretrained(self.model_id)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise model_error(self.model_id, exc) from None
+        if len(self.tokenizer) == 0 or self.tokenizer.eos_token_id is None:
+            raise ConfigError(f"DIALOGBOT_MODEL={self.model_id!r}: the tokenizer is empty or "
+                              "has no end-of-text token; check vocab.json and merges.txt")
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.n_positions = int(getattr(model.config, "n_positions", None)
+                               or model.config.max_position_embeddings)
+        self.model = model.to(self.device).eval()
+        log.info("model %s loaded: %d layers, %d positions, device %s", self.model_id,
+                 getattr(model.config, "n_layer", 0), self.n_positions, self.device)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text) if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generation_kwargs(self, settings: DecodingSettings) -> dict:
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                      pad_token_id=self.eos_token_id, eos_token_id=self.eos_token_id,
+                      repetition_penalty=settings.repetition_penalty,
+                      no_repeat_ngram_size=settings.no_repeat_ngram_size)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_k=settings.top_k,
+                          top_p=settings.top_p)
+        return kwargs
+
+    def generate(self, prompt: list[int], settings: DecodingSettings,
+                 cancel: threading.Event) -> list[int]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        with torch.inference_mode():
+            input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            out = self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids),
+                generation_config=GenerationConfig(**self.generation_kwargs(settings)),
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        new = out[0, len(prompt):].tolist()
+        if self.eos_token_id in new:
+            new = new[: new.index(self.eos_token_id)]
+        return new

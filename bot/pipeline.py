@@ -1,0 +1,183 @@
+"""One message end to end. Each incoming event runs in its own task; every error goes to
+`on_error`, which logs one line and apologises where it can, and the bot keeps running.
+
+    should answer? -> inbound limits -> command? -> store user turn (committed)
+    -> one generation per channel (newer messages that arrived meanwhile are answered together)
+    -> history -> generator (off the loop, typing shown) -> store reply -> paced send
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from bot.commands import Commands, parse_command
+from bot.config import Config
+from bot.errors import BotError, BusyError, GenerationTimeout
+from bot.events import GenerationRequest, Incoming, Reply, ReplyKind, Role, Turn, TurnState
+from bot.limits import NoticeOnce
+from bot.ports import Adapter, ChannelLock, Generator, Limiter, Store
+from bot.text import clean_incoming
+
+log = logging.getLogger(__name__)
+
+LIMITED = "You're sending messages faster than I can answer. I'll skip a few; try again shortly."
+BUSY = "I'm busy with a lot of conversations right now. Please try again in a moment."
+TEXT_ONLY = "I only read text messages."
+EMPTY = "Say something and I'll answer."
+APOLOGY = "Sorry, something went wrong on my side. Please try again."
+SLOW = "Sorry, that took me too long. Please try again."
+
+
+class Pipeline:
+    def __init__(self, config: Config, store: Store, generator: Generator, limiter: Limiter,
+                 lock: ChannelLock):
+        self.config = config
+        self.store = store
+        self.generator = generator
+        self.limiter = limiter
+        self.lock = lock
+        self.commands = Commands(config, store, generator)
+        self.adapters: dict[str, Adapter] = {}
+        self._noticed = NoticeOnce()
+        self._waiting: dict[str, list[int]] = {}  # channel key -> user turn ids to answer
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    def attach(self, adapter: Adapter) -> None:
+        self.adapters[adapter.name] = adapter
+
+    # --- intake -----------------------------------------------------------------------------
+    def submit(self, event: Incoming) -> asyncio.Task | None:
+        """Handle the event in its own task (the adapters' entry point)."""
+        if self._closing:
+            log.info("shutting down: dropped message on %s/%s", event.platform, event.channel)
+            return None
+        task = asyncio.create_task(self.process(event), name=f"event-{event.channel_key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def process(self, event: Incoming) -> None:
+        """Handle one event; any error goes to `on_error`, never to the caller."""
+        try:
+            await self.handle(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one handler for every error
+            await self.on_error(event, exc)
+
+    async def on_error(self, event: Incoming, exc: BaseException) -> None:
+        if isinstance(exc, BotError):
+            log.error("%s/%s: %s: %s", event.platform, event.channel, type(exc).__name__, exc)
+        else:
+            log.error("%s/%s: unexpected error", event.platform, event.channel,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+        await self._send_quietly(Reply.to(event, SLOW if isinstance(exc, GenerationTimeout)
+                                          else APOLOGY, ReplyKind.NOTICE))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop intake; let replies in flight finish for up to `timeout` seconds, then cancel."""
+        self._closing = True
+        if not self._tasks:
+            return
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("abandoned %d replies in flight at shutdown", len(pending))
+            await asyncio.wait(pending, timeout=5)
+
+    # --- one message ----------------------------------------------------------------------
+    async def handle(self, event: Incoming) -> None:
+        adapter = self.adapters[event.platform]
+        if not (event.is_direct or event.is_to_me):
+            return
+        event = event.with_text(clean_incoming(event.text))
+        if adapter.rate_limited and not await self._admit(event):
+            return
+        if not event.text:
+            if event.is_direct or not event.has_attachments:
+                await self.send(Reply.to(event, TEXT_ONLY if event.has_attachments else EMPTY,
+                                         ReplyKind.NOTICE))
+            return
+        command = parse_command(event.text)
+        if command is not None:
+            result = await self.commands.dispatch(command, event,
+                                                  lambda: adapter.is_admin(event))
+            await self.send(Reply.to(event, result.text, ReplyKind.COMMAND,
+                                     private=result.refused))
+            return
+        turn = await self.store.append(Turn.from_event(event))
+        await self.answer(event, turn.id)
+
+    async def _admit(self, event: Incoming) -> bool:
+        cfg = self.config
+        if (await self.limiter.admit(event.user_key, cfg.user_rate, cfg.user_period)
+                and await self.limiter.admit(event.channel_key, cfg.channel_rate,
+                                             cfg.channel_period)):
+            self._noticed.clear(event.user_key)
+            return True
+        log.info("%s/%s: rate limited %s", event.platform, event.channel, event.author_id)
+        if self._noticed.should_notify(event.user_key):
+            await self.send(Reply.to(event, LIMITED, ReplyKind.NOTICE, private=True))
+        return False
+
+    async def answer(self, event: Incoming, turn_id: int) -> None:
+        """Generate one reply for this channel's waiting turns, unless a newer one will."""
+        key = event.channel_key
+        waiting = self._waiting.setdefault(key, [])
+        waiting.append(turn_id)
+        async with self.lock.hold(key):
+            if turn_id not in waiting or waiting[-1] != turn_id:
+                return  # answered already, or a newer message's task answers them all
+            answers = list(waiting)
+            waiting.clear()
+            if not self._waiting.get(key):
+                self._waiting.pop(key, None)
+            try:
+                text, token_ids = await self._generate(event)
+            except BusyError:
+                await self.store.mark(answers, TurnState.SKIPPED.value)
+                await self.send(Reply.to(event, BUSY, ReplyKind.NOTICE))
+                return
+            except BotError:
+                await self.store.mark(answers, TurnState.SKIPPED.value)
+                raise
+            reply_turn = Turn(event.platform, event.channel, Role.BOT, text,
+                              token_ids=token_ids, in_reply_to=answers[-1])
+            await self.store.add_reply(reply_turn, answers)
+            await self.send(Reply.to(event, text))
+
+    async def _generate(self, event: Incoming) -> tuple[str, tuple[int, ...] | None]:
+        overrides = await self.store.get_settings(event.platform, event.channel)
+        history = await self.store.recent(event.platform, event.channel,
+                                          self.config.history_turns)
+        request = GenerationRequest(event.channel_key, tuple(history),
+                                    self.commands.effective(overrides))
+        async with self.adapters[event.platform].typing(event):
+            generated = await self.generator.reply(request)
+        return generated.text, (generated.token_ids or None)
+
+    # --- outbound ---------------------------------------------------------------------------
+    async def send(self, reply: Reply) -> None:
+        adapter = self.adapters[reply.platform]
+        if adapter.outbound_rate is not None:
+            rate, period = adapter.outbound_rate
+            await self.limiter.pace(f"out:{reply.platform}:{reply.channel}", rate, period)
+        await adapter.send(reply)
+
+    async def _send_quietly(self, reply: Reply) -> None:
+        try:
+            await self.send(reply)
+        except Exception as exc:  # noqa: BLE001 - the apology itself failed: log and go on
+            log.error("%s/%s: could not send a notice: %s", reply.platform, reply.channel,
+                      type(exc).__name__)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def pending_tasks(self) -> Iterable[asyncio.Task]:
+        return tuple(self._tasks)
