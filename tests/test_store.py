@@ -1,0 +1,388 @@
+"""SQLAlchemyStore against SQLite (always) and PostgreSQL (when TEST_DATABASE_URL is set)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bot.errors import StoreError
+from bot.events import Role, Turn, TurnState
+from storage.store import SQLAlchemyStore, redact_url
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "")
+PG_SKIP = ("PostgreSQL variant: set TEST_DATABASE_URL "
+           "(e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test) to run it")
+
+
+async def empty_postgres(url: str) -> None:
+    """Drop what the migrations create, so the next store migrates from nothing."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "DROP TABLE IF EXISTS turns, channel_settings, alembic_version CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+async def fresh_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'db' / 'store.db'}"
+    if not PG_URL:
+        pytest.skip(PG_SKIP)
+    await empty_postgres(PG_URL)
+    return PG_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    s = SQLAlchemyStore(await fresh_url(request.param, tmp_path), retries=2, backoff=0.01)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def user(text: str, channel: str = "c1", author: str = "u1", platform: str = "telegram",
+         author_name: str | None = None, **kw) -> Turn:
+    kw.setdefault("message_id", f"m-{text[:20]}")
+    return Turn(platform, channel, Role.USER, text, author, author_name or f"name-{author}",
+                state=TurnState.PENDING, **kw)
+
+
+def bot(text: str, channel: str = "c1", platform: str = "telegram", **kw) -> Turn:
+    return Turn(platform, channel, Role.BOT, text, **kw)
+
+
+async def texts(store: SQLAlchemyStore, platform: str, channel: str) -> list[str]:
+    return [t.text for t in await store.recent(platform, channel, 1000)]
+
+
+# --- history ---------------------------------------------------------------------------------
+async def test_recent_returns_newest_turns_oldest_first_up_to_limit(store):
+    for i in range(7):
+        await store.append(user(f"t{i}") if i % 2 == 0 else bot(f"t{i}"))
+    got = await store.recent("telegram", "c1", 3)
+    assert [t.text for t in got] == ["t4", "t5", "t6"]
+    assert [t.role for t in got] == [Role.USER, Role.BOT, Role.USER]
+    assert all(isinstance(t, Turn) for t in got)
+    assert [t.text for t in await store.recent("telegram", "c1", 100)] == [f"t{i}" for i in range(7)]
+    assert await store.recent("telegram", "c1", 0) == []
+
+
+async def test_append_returns_the_turn_with_its_new_id_and_every_field_round_trips(store):
+    sent = user("hello", author="42", message_id="9001")
+    stored = await store.append(sent)
+    assert stored.id is not None and stored.text == "hello"
+    [back] = await store.recent("telegram", "c1", 5)
+    assert back == stored
+    assert (back.author_id, back.author_name, back.message_id, back.state) == (
+        "42", "name-42", "9001", TurnState.PENDING)
+
+
+async def test_channels_and_platforms_are_isolated(store):
+    await store.append(user("tg-100", channel="100", platform="telegram"))
+    await store.append(user("dc-100", channel="100", platform="discord"))
+    await store.append(user("tg-200", channel="200", platform="telegram"))
+    assert await texts(store, "telegram", "100") == ["tg-100"]
+    assert await texts(store, "discord", "100") == ["dc-100"]
+    assert await texts(store, "telegram", "200") == ["tg-200"]
+    assert await texts(store, "discord", "200") == []
+
+
+async def test_reset_clears_only_its_channel_and_keeps_its_settings(store):
+    first = await store.append(user("a", channel="100"))
+    await store.add_reply(bot("b", channel="100"), [first.id])
+    await store.append(user("other channel", channel="200"))
+    await store.append(user("other platform", channel="100", platform="discord"))
+    await store.set_settings("telegram", "100", {"temperature": 0.5})
+
+    assert await store.reset("telegram", "100") == 2
+    assert await texts(store, "telegram", "100") == []
+    assert await texts(store, "telegram", "200") == ["other channel"]
+    assert await texts(store, "discord", "100") == ["other platform"]
+    assert await store.get_settings("telegram", "100") == {"temperature": 0.5}
+    assert await store.reset("telegram", "100") == 0
+
+
+async def test_forget_removes_one_users_turns_everywhere_on_one_platform_and_the_replies_to_them(
+        store):
+    async def exchange(author, channel, platform="telegram"):
+        asked = await store.append(user(f"{author}@{platform}/{channel}", channel, author, platform))
+        await store.add_reply(bot(f"re {author}@{platform}/{channel}", channel, platform),
+                              [asked.id])
+
+    await exchange("alice", "c1")
+    await exchange("bob", "c1")
+    await exchange("alice", "c2")
+    await exchange("alice", "c1", platform="discord")  # same author id, other platform
+    await store.append(bot("bot says hi unprompted", "c1"))
+
+    assert await store.forget("telegram", "alice") == 2
+    assert await texts(store, "telegram", "c1") == [
+        "bob@telegram/c1", "re bob@telegram/c1", "bot says hi unprompted"]
+    assert await texts(store, "telegram", "c2") == []
+    assert await texts(store, "discord", "c1") == ["alice@discord/c1", "re alice@discord/c1"]
+    assert await store.forget("telegram", "alice") == 0
+
+
+async def test_count_by_platform_and_channel(store):
+    assert await store.count() == 0
+    for platform, channel in [("telegram", "1"), ("telegram", "1"), ("telegram", "2"),
+                              ("discord", "1")]:
+        await store.append(user("x", channel, platform=platform))
+    assert await store.count() == 4
+    assert await store.count("telegram") == 3
+    assert await store.count("telegram", "1") == 2
+    assert await store.count("discord", "1") == 1
+    assert await store.count("discord", "2") == 0
+
+
+async def test_pending_mark_and_add_reply(store):
+    a = await store.append(user("a", channel="1"))
+    b = await store.append(user("b", channel="2"))
+    c = await store.append(user("c", channel="1"))
+    await store.append(bot("not a user turn", channel="1", state=TurnState.DONE))
+    assert [t.id for t in await store.pending()] == [a.id, b.id, c.id]
+
+    reply = await store.add_reply(bot("answer to a and c", channel="1"), [a.id, c.id])
+    assert reply.id is not None and reply.in_reply_to == c.id
+    assert [t.id for t in await store.pending()] == [b.id]
+    by_id = {t.id: t for t in await store.recent("telegram", "1", 10)}
+    assert by_id[a.id].state == by_id[c.id].state == TurnState.ANSWERED
+    assert by_id[reply.id].in_reply_to == c.id and by_id[reply.id].state == TurnState.DONE
+
+    await store.mark([b.id], TurnState.SKIPPED)
+    assert await store.pending() == []
+    [skipped] = await store.recent("telegram", "2", 1)
+    assert skipped.state == TurnState.SKIPPED
+    await store.mark([b.id], "pending")
+    assert [t.id for t in await store.pending()] == [b.id]
+    await store.mark([], "answered")  # nothing to do
+    with pytest.raises(StoreError):
+        await store.mark([b.id], "bogus")
+
+
+async def test_add_reply_without_answers_appends_a_plain_bot_turn(store):
+    reply = await store.add_reply(bot("hello"), [])
+    assert reply.id is not None and reply.in_reply_to is None
+    assert await texts(store, "telegram", "c1") == ["hello"]
+
+
+async def test_reply_to_a_turn_deleted_while_generating_is_not_stored(store):
+    asked = await store.append(user("secret"))
+    await store.reset("telegram", "c1")
+    reply = await store.add_reply(bot("answer"), [asked.id])
+    assert reply.id is None
+    assert await store.count() == 0
+
+
+async def test_token_ids_round_trip(store):
+    ids = (15496, 995, 0, 50255)
+    await store.append(bot("Hello world", token_ids=ids))
+    await store.append(bot("no ids"))
+    await store.append(bot("empty ids", token_ids=()))
+    got = await store.recent("telegram", "c1", 3)
+    assert [t.token_ids for t in got] == [ids, None, ()]
+
+
+async def test_timestamps_come_back_timezone_aware_utc(store):
+    plus5 = timezone(timedelta(hours=5))
+    when = datetime(2024, 3, 1, 17, 30, 15, 123456, tzinfo=plus5)
+    naive = datetime(2024, 3, 1, 12, 0, 0)
+    await store.append(user("zoned", created_at=when))
+    await store.append(user("naive", created_at=naive))
+    zoned_back, naive_back = await store.recent("telegram", "c1", 2)
+    assert zoned_back.created_at == when
+    assert zoned_back.created_at.utcoffset() == timedelta(0)
+    assert zoned_back.created_at.hour == 12
+    assert naive_back.created_at == naive.replace(tzinfo=timezone.utc)
+    [pending_back, _] = await store.pending()
+    assert pending_back.created_at.tzinfo is not None
+
+
+@pytest.mark.parametrize("body", [
+    "x" * 19_990 + " end.",
+    "🙂👍🏽 👨‍👩‍👧 שלום עולם مرحبا بالعالم ‏RTL‎ e\u0301 ☃\n\ttabs and\nlines 𝕏 \u200d",
+])
+async def test_long_and_unicode_text_round_trips_exactly(store, body):
+    sent = await store.append(user(body, author="אבי", author_name="🙂 Ави"))
+    [back] = await store.recent("telegram", "c1", 1)
+    assert back.text == body and back.author_id == "אבי" and back.author_name == "🙂 Ави"
+    assert back == sent
+
+
+async def test_settings_replace_and_clear(store):
+    assert await store.get_settings("telegram", "1") == {}
+    await store.set_settings("telegram", "1", {"temperature": 0.5, "top_k": 10, "note": "é🙂"})
+    await store.set_settings("telegram", "1", {"top_k": 3})
+    await store.set_settings("discord", "1", {"top_p": 0.7})
+    assert await store.get_settings("telegram", "1") == {"top_k": 3}
+    assert await store.get_settings("discord", "1") == {"top_p": 0.7}
+    await store.set_settings("telegram", "1", {})
+    assert await store.get_settings("telegram", "1") == {}
+    assert await store.get_settings("discord", "1") == {"top_p": 0.7}
+    with pytest.raises(StoreError):
+        await store.set_settings("telegram", "1", {"bad": object()})
+
+
+async def test_concurrent_appends_all_land_with_distinct_ids(store):
+    made = await asyncio.gather(*(store.append(user(f"m{i}", channel=str(i % 3)))
+                                  for i in range(30)))
+    assert len({t.id for t in made}) == 30
+    assert await store.count() == 30
+
+
+# --- lifecycle and SQLite specifics ----------------------------------------------------------
+async def test_start_and_stop_are_idempotent_and_methods_need_start(tmp_path):
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(StoreError, match="not started"):
+        await s.count()
+    await s.start()
+    await s.start()
+    await s.append(user("kept"))
+    await s.stop()
+    await s.stop()
+    with pytest.raises(StoreError, match="not started"):
+        await s.recent("telegram", "c1", 5)
+    await s.start()
+    assert await texts(s, "telegram", "c1") == ["kept"]
+    await s.stop()
+
+
+async def test_sqlite_folder_is_created_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = SQLAlchemyStore("sqlite+aiosqlite:///data/nested/bot.db")
+    await s.start()
+    await s.append(user("hi"))
+    await s.stop()
+    assert (tmp_path / "data" / "nested" / "bot.db").is_file()
+
+
+async def test_sqlite_runs_in_wal_mode_with_pragmas(tmp_path):
+    path = tmp_path / "wal.db"
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{path}")
+    await s.start()
+    await s.append(user("hi"))
+    async with s._engine.connect() as conn:  # the store's own connections
+        pragmas = {name: await conn.scalar(text(f"PRAGMA {name}"))
+                   for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")}
+    await s.stop()
+    assert pragmas == {"journal_mode": "wal", "busy_timeout": 5000, "synchronous": 1,
+                       "foreign_keys": 1}
+    with sqlite3.connect(path) as raw:  # WAL is recorded in the file itself
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def lock_exclusively(path: Path) -> sqlite3.Connection:
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    return blocker
+
+
+async def test_a_brief_lock_is_waited_out(tmp_path, caplog):
+    path = tmp_path / "lock.db"
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{path}")  # busy_timeout 5 s
+    await s.start()
+    blocker = lock_exclusively(path)
+    asyncio.get_running_loop().call_later(0.3, blocker.execute, "COMMIT")
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        stored = await s.append(user("after the lock"))
+    assert stored.id is not None and not caplog.records
+    blocker.close()
+    await s.stop()
+
+
+async def test_a_locked_database_is_retried_until_it_frees(tmp_path, caplog):
+    path = tmp_path / "lock.db"
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{path}", retries=8, backoff=0.05,
+                        busy_timeout_ms=50)
+    await s.start()
+    blocker = lock_exclusively(path)
+    asyncio.get_running_loop().call_later(0.4, blocker.execute, "COMMIT")
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        stored = await s.append(user("after the lock"))
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert 1 <= len(retries) <= 8 and "locked" in retries[0].getMessage()
+    assert await texts(s, "telegram", "c1") == ["after the lock"] and stored.id is not None
+    blocker.close()
+    await s.stop()
+
+
+async def test_a_database_locked_past_the_retries_raises_store_error(tmp_path, caplog):
+    path = tmp_path / "lock.db"
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{path}", retries=2, backoff=0.01,
+                        busy_timeout_ms=50)
+    await s.start()
+    blocker = lock_exclusively(path)
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        with pytest.raises(StoreError) as err:
+            await s.append(user("never"))
+    message = str(err.value)
+    assert "locked" in message and "after 3 attempts" in message and "\n" not in message
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await s.append(user("works again"))
+    assert await texts(s, "telegram", "c1") == ["works again"]
+    await s.stop()
+
+
+async def test_a_non_transient_error_is_not_retried(tmp_path, caplog):
+    path = tmp_path / "x.db"
+    s = SQLAlchemyStore(f"sqlite+aiosqlite:///{path}", retries=3, backoff=0.01)
+    await s.start()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP TABLE channel_settings")
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        with pytest.raises(StoreError, match="no such table"):
+            await s.get_settings("telegram", "1")
+    assert not caplog.records
+    await s.stop()
+
+
+# --- PostgreSQL specifics --------------------------------------------------------------------
+async def test_unreachable_postgres_raises_store_error_without_the_password(caplog):
+    s = SQLAlchemyStore("postgresql+asyncpg://bot:Sup3r-Secret-pw@127.0.0.1:1/dialogbot",
+                        retries=1, backoff=0.01)
+    with caplog.at_level(logging.WARNING, logger="storage.store"):
+        with pytest.raises(StoreError) as err:
+            await s.start()
+    message = str(err.value)
+    assert "Sup3r-Secret-pw" not in message and "Sup3r-Secret-pw" not in caplog.text
+    assert "bot:***@127.0.0.1:1" in message and "\n" not in message
+    assert len(caplog.records) == 1 and "retry 1 of 1" in caplog.records[0].getMessage()
+    with pytest.raises(StoreError, match="not started"):
+        await s.count()
+
+
+async def test_a_dropped_postgres_connection_is_replaced(tmp_path):
+    if not PG_URL:
+        pytest.skip(PG_SKIP)
+    await empty_postgres(PG_URL)
+    s = SQLAlchemyStore(PG_URL, retries=2, backoff=0.01)
+    await s.start()
+    await s.append(user("before"))
+    async with s._engine.connect() as conn:
+        pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+    killer = create_async_engine(PG_URL)
+    async with killer.begin() as conn:
+        assert await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    await killer.dispose()
+    await s.append(user("after"))
+    assert await texts(s, "telegram", "c1") == ["before", "after"]
+    await s.stop()
+
+
+def test_redact_url_hides_passwords():
+    assert redact_url("postgresql+asyncpg://bot:pw@db:5432/x") == "postgresql+asyncpg://bot:***@db:5432/x"
+    assert "s3cr3t" not in redact_url("postgresql://bot@db/x?password=s3cr3t")
+    assert redact_url("sqlite+aiosqlite:///data/bot.db") == "sqlite+aiosqlite:///data/bot.db"
+    assert redact_url("not a url://u:pw@h") == "not a url://u:***@h"
