@@ -1,0 +1,336 @@
+"""Telegram through python-telegram-bot v22: long polling (default) or a webhook.
+
+Flow: PTB `Update` -> pure `to_event` -> `pipeline.submit(event)`; the pipeline answers through
+`send`, which splits to 4096 characters and sends plain text (no parse mode, no link previews)
+through PTB's `AIORateLimiter` (30 msg/s overall, 20 msg/min per group; a 429 RetryAfter is
+waited out and retried).
+
+Who is addressed in a group (private chats always are):
+- a `mention` entity of @botname (case-insensitive), or a text_mention of the bot's user;
+- a reply to one of the bot's own messages;
+- `/command@botname`; a bare `/command` only when it is one of ours (/start /help /reset
+  /forget /settings): Telegram shows bare commands to every bot in the group, and in privacy
+  mode only delivers them to the bot that spoke last, so answering our own bare commands is
+  what users expect. `/command@otherbot` and other bots' bare commands are dropped (None).
+
+Never logs URLs or the config: PTB puts the token in every request URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from telegram import (
+    BotCommand,
+    LinkPreviewOptions,
+    MessageEntity,
+    ReplyParameters,
+    Update,
+)
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType
+from telegram.error import InvalidToken, NetworkError, TelegramError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, TypeHandler
+
+from bot.commands import COMMAND_NAMES
+from bot.config import Config
+from bot.errors import ConfigError, PlatformError
+from bot.events import Incoming, Reply
+from bot.text import clean_incoming, clean_outgoing, split_message
+
+if TYPE_CHECKING:
+    from bot.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+MAX_LENGTH = 4096  # per message, in UTF-16 code units
+TYPING_EVERY = 4.0  # the typing status lasts ~5 s on clients
+ADMIN_TTL = 60.0
+MAX_RETRIES = 5  # RetryAfter retries per request before a send fails
+COMMANDS = (
+    ("start", "Say hello"),
+    ("help", "What I can do"),
+    ("reset", "Forget this chat's conversation (admins in groups)"),
+    ("forget", "Delete every message you sent me"),
+    ("settings", "Show or change how I pick words"),
+)
+_GROUPS = (ChatType.GROUP, ChatType.SUPERGROUP)
+
+
+# --- incoming ------------------------------------------------------------------------------
+def to_event(update: Update, bot_username: str, bot_id: int) -> Incoming | None:
+    """The common event for a new message, or None when the bot must not see it at all
+    (edits, channel posts, service messages, other bots, commands meant for another bot).
+    Unaddressed group messages come back with is_to_me=False (the pipeline ignores them)."""
+    message = update.message
+    if message is None or update.edited_message is not None:
+        return None
+    sender = message.from_user
+    if sender is None or sender.is_bot:
+        return None
+    chat = message.chat
+    if chat.type != ChatType.PRIVATE and chat.type not in _GROUPS:
+        return None
+    text = message.text if message.text is not None else message.caption
+    attachment = message.effective_attachment is not None
+    if text is None and not attachment:
+        return None  # service message: member joined, pinned, title changed ...
+
+    entities = (message.parse_entities() if message.text is not None
+                else message.parse_caption_entities())
+    name = "@" + bot_username.lower()
+    cuts: list[tuple[int, int, str]] = []  # UTF-16 spans to replace
+    addressed = False
+    for entity, value in entities.items():
+        span = (entity.offset, entity.offset + entity.length)
+        if entity.type == MessageEntity.MENTION and value.lower() == name:
+            addressed = True
+            cuts.append((*span, ""))
+        elif (entity.type == MessageEntity.TEXT_MENTION and entity.user is not None
+              and entity.user.id == bot_id):
+            addressed = True
+            cuts.append((*span, ""))
+        elif entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
+            command, _, target = value.partition("@")
+            if target:
+                if target.lower() != bot_username.lower():
+                    return None  # another bot's command
+                addressed = True
+                cuts.append((*span, command))
+            elif command[1:].lower() in COMMAND_NAMES:
+                addressed = True
+    reply = message.reply_to_message
+    # (in forum topics every message "replies" to the topic's first message: not a reply)
+    if (reply is not None and reply.from_user is not None and reply.from_user.id == bot_id
+            and reply.forum_topic_created is None):
+        addressed = True
+
+    direct = chat.type == ChatType.PRIVATE
+    return Incoming(
+        platform=PLATFORM, channel=str(chat.id), message_id=str(message.message_id),
+        author_id=str(sender.id), author_name=sender.full_name,
+        text=clean_incoming(_replace_spans(text or "", cuts)),
+        is_direct=direct, is_to_me=direct or addressed,
+        reply_to=str(reply.message_id) if reply is not None else None,
+        time=message.date, has_attachments=attachment)
+
+
+def _replace_spans(text: str, cuts: list[tuple[int, int, str]]) -> str:
+    """Replace UTF-16 spans (Telegram's entity offsets) and tidy the spaces at each cut."""
+    if not cuts:
+        return text
+    data = text.encode("utf-16-le", "surrogatepass")
+
+    def piece(start: int, end: int | None) -> str:
+        return data[start * 2: None if end is None else end * 2].decode("utf-16-le",
+                                                                        "surrogatepass")
+
+    out, pos = "", 0
+    for start, end, new in sorted(cuts):
+        out += piece(pos, start)
+        if new:
+            out += new
+        pos = end
+    rest = piece(pos, None)
+    if out.strip() and rest.strip():
+        out = out.rstrip(" ") + " " + rest.lstrip(" ")
+    else:
+        out = (out + rest).strip()
+    starts_with_mention = sorted(cuts)[0][0] == 0 and not sorted(cuts)[0][2]
+    return out.lstrip(" ,:;") if starts_with_mention else out
+
+
+# --- outgoing ------------------------------------------------------------------------------
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def split_for_telegram(text: str, limit: int = MAX_LENGTH, chars: int | None = None
+                       ) -> list[str]:
+    """Parts of at most `limit` UTF-16 code units (Telegram counts those; emoji count 2),
+    cut at line or word boundaries like `bot.text.split_message`."""
+    chars = chars or limit
+    parts: list[str] = []
+    for part in split_message(text, chars):
+        size = utf16_len(part)
+        if size <= limit:
+            parts.append(part)
+        else:  # astral characters: retry this part with a proportionally smaller cut
+            smaller = max(1, min(chars - 1, len(part) * limit // size))
+            parts.extend(split_for_telegram(part, limit, smaller))
+    return parts
+
+
+class TelegramAdapter:
+    """The `bot.ports.Adapter` for Telegram (see the module docstring)."""
+
+    name = PLATFORM
+    max_message_length = MAX_LENGTH
+    rate_limited = True
+    outbound_rate = None  # AIORateLimiter paces every request
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.username = ""
+        self.bot_id = 0
+        self._app: Application | None = None
+        self._pipeline: Pipeline | None = None
+        self._admins: dict[tuple[str, str], tuple[float, bool]] = {}
+        self.webhook_secret: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def _build(self) -> Application:
+        if self.config.telegram_token is None:
+            raise ConfigError("DIALOGBOT_TELEGRAM_TOKEN is not set")
+        builder = (ApplicationBuilder()
+                   .token(self.config.telegram_token.get_secret_value())
+                   .rate_limiter(AIORateLimiter(max_retries=MAX_RETRIES)))
+        if self.config.telegram_base_url:
+            builder = builder.base_url(self.config.telegram_base_url)
+        if self.config.telegram_base_file_url:
+            builder = builder.base_file_url(self.config.telegram_base_file_url)
+        app = builder.build()
+        app.add_handler(TypeHandler(Update, self._on_update))
+        return app
+
+    async def start(self, pipeline: "Pipeline") -> None:
+        if self._app is not None:
+            return
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs with the token
+        self._pipeline = pipeline
+        app = self._build()
+        self._app = app
+        try:
+            await app.initialize()  # getMe
+            self.username, self.bot_id = app.bot.username, app.bot.id
+            await app.bot.set_my_commands([BotCommand(n, d) for n, d in COMMANDS])
+            await app.start()
+            assert app.updater is not None
+            if self.config.telegram_webhook_url:
+                await self._start_webhook(app)
+            else:
+                await app.updater.start_polling(allowed_updates=[Update.MESSAGE])
+        except InvalidToken:
+            await self.stop()
+            raise PlatformError("telegram: the bot token was rejected") from None
+        except TelegramError as exc:
+            await self.stop()
+            raise PlatformError(f"telegram: could not start: {_describe(exc)}") from None
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("telegram: running as @%s (%s)", self.username,
+                 "webhook" if self.config.telegram_webhook_url else "long polling")
+
+    async def _start_webhook(self, app: Application) -> None:
+        cfg = self.config
+        # Without a configured secret, a random one still makes Telegram prove itself.
+        self.webhook_secret = (cfg.telegram_webhook_secret.get_secret_value()
+                               if cfg.telegram_webhook_secret else secrets.token_urlsafe(32))
+        assert app.updater is not None and cfg.telegram_webhook_url
+        await app.updater.start_webhook(
+            listen=cfg.telegram_webhook_listen, port=cfg.telegram_webhook_port,
+            url_path=urlparse(cfg.telegram_webhook_url).path.lstrip("/"),
+            webhook_url=cfg.telegram_webhook_url, secret_token=self.webhook_secret,
+            allowed_updates=[Update.MESSAGE])
+
+    async def stop(self) -> None:
+        """Stop receiving, let PTB finish what it is processing, close the HTTP client."""
+        app, self._app = self._app, None
+        if app is None:
+            return
+        try:
+            if app.updater is not None and app.updater.running:
+                await app.updater.stop()
+            if app.running:
+                await app.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await app.shutdown()
+
+    async def _on_update(self, update: object, context: object) -> None:
+        if not isinstance(update, Update) or self._pipeline is None:
+            return
+        try:
+            event = to_event(update, self.username, self.bot_id)
+        except Exception:  # noqa: BLE001 - one odd update must not stop the bot
+            log.exception("telegram: could not read update %s", update.update_id)
+            return
+        if event is not None:
+            self._pipeline.submit(event)
+
+    # --- the port ----------------------------------------------------------------------------
+    def _bot(self):  # noqa: ANN202 - telegram.ext.ExtBot
+        if self._app is None:
+            raise PlatformError("telegram: adapter is not running")
+        return self._app.bot
+
+    async def send(self, reply: Reply) -> None:
+        bot = self._bot()
+        parts = split_for_telegram(clean_outgoing(reply.text))
+        if not parts:
+            log.debug("telegram/%s: nothing to send", reply.channel)
+            return
+        for number, part in enumerate(parts):
+            target = None
+            if number == 0 and reply.reply_to and reply.reply_to.isdigit():
+                target = ReplyParameters(int(reply.reply_to), allow_sending_without_reply=True)
+            try:
+                await bot.send_message(
+                    chat_id=int(reply.channel), text=part, parse_mode=None,
+                    reply_parameters=target,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True))
+            except TelegramError as exc:
+                raise PlatformError(f"telegram: send failed: {_describe(exc)}") from None
+
+    async def is_admin(self, event: Incoming) -> bool:
+        if event.is_direct:
+            return True  # the user owns their private chat
+        key = (event.channel, event.author_id)
+        now = time.monotonic()
+        cached = self._admins.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            member = await self._bot().get_chat_member(int(event.channel), int(event.author_id))
+        except TelegramError as exc:
+            log.warning("telegram/%s: getChatMember failed: %s", event.channel, _describe(exc))
+            return False
+        answer = member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
+        if len(self._admins) > 4096:
+            self._admins = {k: v for k, v in self._admins.items() if v[0] > now}
+        self._admins[key] = (now + ADMIN_TTL, answer)
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def typing(self, event: Incoming) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._keep_typing(int(event.channel)),
+                                   name=f"typing-{event.channel}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep_typing(self, chat_id: int) -> None:
+        while True:
+            try:
+                await self._bot().send_chat_action(chat_id, ChatAction.TYPING)
+            except Exception as exc:  # noqa: BLE001 - typing is decoration, never an error
+                log.debug("telegram/%s: typing failed: %s", chat_id, type(exc).__name__)
+            await asyncio.sleep(TYPING_EVERY)
+
+
+def _describe(exc: TelegramError) -> str:
+    """A log-safe description: network errors may quote the request URL (and the token)."""
+    if isinstance(exc, NetworkError) and type(exc).__name__ in ("NetworkError", "TimedOut"):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {exc.message}"
