@@ -77,6 +77,7 @@ class App:
                 await adapter.start(self.pipeline)
                 self._started.append(adapter)
                 log.info("%s adapter running", adapter.name)
+            await self.pipeline.recover(self.config.recover_window)
         except BaseException:
             await self.stop()
             raise

@@ -54,6 +54,9 @@ class Config(BaseSettings):
                             description="Generation requests that may wait; more get 'busy'.")
     history_turns: int = Field(64, ge=1, le=1000,
                                description="Most recent turns read for a prompt.")
+    recover_window: float = Field(300.0, ge=0, description=(
+        "After a restart, answer messages left unanswered this many seconds ago or less; "
+        "older ones are skipped. 0 = skip all."))
     fallback_reply: str = Field("I'm not sure what to say to that.", min_length=1)
 
     # decoding defaults (overridable per channel with /settings)

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from bot.commands import Commands, parse_command
 from bot.config import Config
 from bot.errors import BotError, BusyError, GenerationTimeout
-from bot.events import GenerationRequest, Incoming, Reply, ReplyKind, Role, Turn, TurnState
+from bot.events import (GenerationRequest, Incoming, Reply, ReplyKind, Role, Turn, TurnState,
+                        utcnow)
 from bot.limits import NoticeOnce
 from bot.ports import Adapter, ChannelLock, Generator, Limiter, Store
 from bot.text import clean_incoming
@@ -54,19 +55,52 @@ class Pipeline:
         if self._closing:
             log.info("shutting down: dropped message on %s/%s", event.platform, event.channel)
             return None
-        task = asyncio.create_task(self.process(event), name=f"event-{event.channel_key}")
+        return self._spawn(self.process(event), event)
+
+    def _spawn(self, coro, event: Incoming) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"event-{event.channel_key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def process(self, event: Incoming) -> None:
-        """Handle one event; any error goes to `on_error`, never to the caller."""
+    async def recover(self, window: float) -> int:
+        """After a restart: answer messages left unanswered in the last `window` seconds (one
+        reply per channel, after the newest), mark older ones skipped. Returns channels answered."""
+        pending = [t for t in await self.store.pending() if t.platform in self.adapters]
+        now = utcnow()
+        stale = [t.id for t in pending
+                 if window <= 0 or (now - t.created_at).total_seconds() > window]
+        if stale:
+            await self.store.mark(stale, TurnState.SKIPPED.value)
+            log.info("skipped %d unanswered messages older than %gs", len(stale), window)
+        newest: dict[str, Turn] = {}
+        for turn in pending:
+            if turn.id in stale:
+                continue
+            key = f"{turn.platform}:{turn.channel}"
+            self._waiting.setdefault(key, []).append(turn.id)
+            newest[key] = turn
+        for turn in newest.values():
+            event = Incoming(turn.platform, turn.channel, turn.message_id or "", turn.author_id,
+                             turn.author_name, turn.text, is_direct=False, is_to_me=True,
+                             time=turn.created_at)
+            self._waiting[event.channel_key].remove(turn.id)
+            log.info("%s/%s: answering a message left unanswered before the restart",
+                     turn.platform, turn.channel)
+            self._spawn(self._guarded(self.answer(event, turn.id), event), event)
+        return len(newest)
+
+    async def _guarded(self, coro, event: Incoming) -> None:
         try:
-            await self.handle(event)
+            await coro
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - one handler for every error
+        except Exception as exc:  # noqa: BLE001
             await self.on_error(event, exc)
+
+    async def process(self, event: Incoming) -> None:
+        """Handle one event; any error goes to `on_error`, never to the caller."""
+        await self._guarded(self.handle(event), event)
 
     async def on_error(self, event: Incoming, exc: BaseException) -> None:
         if isinstance(exc, BotError):

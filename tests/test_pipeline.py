@@ -220,3 +220,43 @@ async def test_quick_messages_in_one_channel_are_answered_once(bot):
     turns = await app.store.recent("telegram", "100", 10)
     assert len([t for t in turns if t.role is Role.USER]) == 3
     assert all(t.state.value == "answered" for t in turns if t.role is Role.USER)
+
+
+async def test_unanswered_messages_are_answered_after_a_restart_old_ones_skipped(make_config):
+    from datetime import timedelta
+
+    from bot.events import Turn, TurnState, utcnow
+    from storage.store import SQLAlchemyStore
+
+    config = make_config(recover_window=120)
+    store = SQLAlchemyStore(config.database_url)
+    await store.start()
+    old = await store.append(Turn("telegram", "1", Role.USER, "from yesterday", "5",
+                                  state=TurnState.PENDING,
+                                  created_at=utcnow() - timedelta(days=1)))
+    a = await store.append(Turn("telegram", "2", Role.USER, "are you", "6",
+                                message_id="41", state=TurnState.PENDING))
+    b = await store.append(Turn("telegram", "2", Role.USER, "there?", "6",
+                                message_id="42", state=TurnState.PENDING))
+    other = await store.append(Turn("discord", "3", Role.USER, "not attached", "7",
+                                    state=TurnState.PENDING))
+    await store.stop()
+
+    platform = RecordingAdapter()
+    app = build_app(config, [platform])
+    await app.start()
+    try:
+        for _ in range(100):
+            if platform.sent:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        assert len(platform.sent) == 1 and platform.sent[0].reply_to == "42"
+        assert platform.sent[0].channel == "2"
+        states = {t.id: t.state for t in await app.store.recent("telegram", "2", 10)}
+        assert states[a.id] is TurnState.ANSWERED and states[b.id] is TurnState.ANSWERED
+        assert [t.id for t in await app.store.pending()] == [other.id]
+        old_turn = (await app.store.recent("telegram", "1", 10))[0]
+        assert old_turn.id == old.id and old_turn.state is TurnState.SKIPPED
+    finally:
+        await app.stop()
