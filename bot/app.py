@@ -82,9 +82,10 @@ class App:
             await self.stop()
             raise
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop intake, finish replies in flight (up to the deadline), close everything."""
-        await self.pipeline.drain(drain_timeout)
+        await self.pipeline.drain(self.config.shutdown_timeout if drain_timeout is None
+                                  else drain_timeout)
         while self._started:
             part = self._started.pop()
             try:

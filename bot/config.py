@@ -57,6 +57,11 @@ class Config(BaseSettings):
     recover_window: float = Field(300.0, ge=0, description=(
         "After a restart, answer messages left unanswered this many seconds ago or less; "
         "older ones are skipped. 0 = skip all."))
+    shutdown_timeout: float = Field(30.0, ge=0, le=600, description=(
+        "On SIGTERM/SIGINT, seconds to let replies in flight finish before they are abandoned."))
+    send_retries: int = Field(3, ge=0, le=10, description=(
+        "Retries (with backoff) when a platform send fails; rate limits are waited out by the "
+        "platform libraries themselves."))
     fallback_reply: str = Field("I'm not sure what to say to that.", min_length=1)
 
     # decoding defaults (overridable per channel with /settings)

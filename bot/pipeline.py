@@ -45,6 +45,7 @@ class Pipeline:
         self._waiting: dict[str, list[int]] = {}  # channel key -> user turn ids to answer
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self.retry_base = 1.0  # seconds before the first send retry
 
     def attach(self, adapter: Adapter) -> None:
         self.adapters[adapter.name] = adapter
@@ -196,11 +197,26 @@ class Pipeline:
 
     # --- outbound ---------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
+        """Paced delivery; a failed send is retried with backoff (network drop, 5xx), then the
+        error goes up to `on_error`."""
         adapter = self.adapters[reply.platform]
-        if adapter.outbound_rate is not None:
-            rate, period = adapter.outbound_rate
-            await self.limiter.pace(f"out:{reply.platform}:{reply.channel}", rate, period)
-        await adapter.send(reply)
+        retries = self.config.send_retries
+        for attempt in range(retries + 1):
+            if adapter.outbound_rate is not None:
+                rate, period = adapter.outbound_rate
+                await self.limiter.pace(f"out:{reply.platform}:{reply.channel}", rate, period)
+            try:
+                await adapter.send(reply)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - libraries raise their own types
+                if attempt == retries:
+                    raise
+                delay = min(30.0, self.retry_base * 2 ** attempt)
+                log.warning("%s/%s: send failed (%s: %s); retry %d/%d in %.1fs", reply.platform,
+                            reply.channel, type(exc).__name__, exc, attempt + 1, retries, delay)
+                await asyncio.sleep(delay)
 
     async def _send_quietly(self, reply: Reply) -> None:
         try:

@@ -8,6 +8,10 @@ import unicodedata
 # C0/C1 controls except tab and newline; DEL.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
+# "@name", "@everyone", "@here": a WORD JOINER after the "@" keeps the text readable but no
+# platform parses it as a mention (Telegram notifies plain-text @username mentions).
+_MENTION = re.compile(r"@(?=\w)")
+WORD_JOINER = "\u2060"
 
 
 def fix_unicode(text: str) -> str:
@@ -36,8 +40,10 @@ def clean_incoming(text: str | None) -> str:
 
 
 def clean_outgoing(text: str) -> str:
-    """What a platform gets: valid Unicode, no control characters, no runs of blank lines."""
+    """What a platform gets: valid Unicode, no control characters, no runs of blank lines,
+    and no live @mentions."""
     text = _CONTROL.sub("", fix_unicode(text).replace("\r", ""))
+    text = _MENTION.sub("@" + WORD_JOINER, text)
     return _MANY_NEWLINES.sub("\n\n", text).strip()
 
 
