@@ -89,15 +89,17 @@ class ConsoleAdapter:
                     break
                 number += 1
                 event = to_event(line, number, self.channel)
-                if self.interactive:
-                    await pipeline.process(event)
-                    continue
-                self._buffer[event.message_id] = []
-                try:
-                    await pipeline.process(event)
-                finally:
+                if not self.interactive:
+                    self._buffer[event.message_id] = []
+                # submitted like any platform event, so shutdown lets it finish
+                task = pipeline.submit(event)
+                if task is not None:
+                    await asyncio.shield(task)
+                if not self.interactive:
                     parts = self._buffer.pop(event.message_id)
                     self._write(one_line(" ".join(parts)) + "\n")
+                if task is None:
+                    break
         finally:
             self.done.set()
 
