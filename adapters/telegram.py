@@ -42,6 +42,7 @@ from bot.commands import COMMAND_NAMES
 from bot.config import Config
 from bot.errors import ConfigError, PlatformError
 from bot.events import Incoming, Reply
+from bot.logs import RedactingFilter
 from bot.text import clean_incoming, clean_outgoing, split_message
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ COMMANDS = (
     ("settings", "Show or change how I pick words"),
 )
 _GROUPS = (ChatType.GROUP, ChatType.SUPERGROUP)
+# loggers that see request URLs; the bot's is created when the bot is built
+_URL_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot", "httpx", "httpcore")
 
 
 # --- incoming ------------------------------------------------------------------------------
@@ -184,6 +187,8 @@ class TelegramAdapter:
         self._pipeline: Pipeline | None = None
         self._admins: dict[tuple[str, str], tuple[float, bool]] = {}
         self.webhook_secret: str | None = None
+        self._redactor: RedactingFilter | None = None
+        self._guarded: list[logging.Logger] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _build(self) -> Application:
@@ -191,7 +196,10 @@ class TelegramAdapter:
             raise ConfigError("DIALOGBOT_TELEGRAM_TOKEN is not set")
         builder = (ApplicationBuilder()
                    .token(self.config.telegram_token.get_secret_value())
-                   .rate_limiter(AIORateLimiter(max_retries=MAX_RETRIES)))
+                   .rate_limiter(AIORateLimiter(max_retries=MAX_RETRIES))
+                   # a spare connection: a long poll torn down mid-flight can leave the
+                   # only one checked out ("Pool timeout" on the next getUpdates)
+                   .get_updates_connection_pool_size(2))
         if self.config.telegram_base_url:
             builder = builder.base_url(self.config.telegram_base_url)
         if self.config.telegram_base_file_url:
@@ -205,6 +213,7 @@ class TelegramAdapter:
             return
         logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs with the token
         self._pipeline = pipeline
+        self._guard_logs()
         app = self._build()
         self._app = app
         try:
@@ -254,6 +263,24 @@ class TelegramAdapter:
         finally:
             with contextlib.suppress(Exception):
                 await app.shutdown()
+            self._unguard_logs()
+
+    def _guard_logs(self) -> None:
+        """PTB logs its API URL (with the token) at DEBUG, httpx every request URL at INFO:
+        redact the token on those loggers themselves, whatever handlers are installed."""
+        if self.config.telegram_token is None:
+            return
+        self._redactor = RedactingFilter([self.config.telegram_token.get_secret_value()])
+        names = [n for n in logging.root.manager.loggerDict
+                 if n.split(".")[0] in ("telegram", "httpx", "httpcore")]
+        self._guarded = [logging.getLogger(n) for n in {*names, *_URL_LOGGERS}]
+        for logger in self._guarded:
+            logger.addFilter(self._redactor)
+
+    def _unguard_logs(self) -> None:
+        for logger in self._guarded:
+            logger.removeFilter(self._redactor)
+        self._guarded = []
 
     async def _on_update(self, update: object, context: object) -> None:
         if not isinstance(update, Update) or self._pipeline is None:

@@ -61,7 +61,8 @@ class FakeTelegram:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         # cancel a long poll when its client disconnects, as the real server does
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1,
+                                     access_log=None)  # its lines hold the token
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -275,14 +276,14 @@ def utf16_len(text: str) -> int:
 
 
 def mention_entities(text: str, username: str = BOT_USERNAME) -> list[dict[str, Any]]:
-    """`mention` entities for every @username in text (offsets in UTF-16 code units)."""
+    """`mention` entities for every @username in text, any case (offsets in UTF-16 units)."""
     out = []
-    needle = "@" + username
-    start = text.find(needle)
+    needle = "@" + username.lower()
+    start = text.lower().find(needle)
     while start >= 0:
         out.append({"type": "mention", "offset": utf16_len(text[:start]),
                     "length": utf16_len(needle)})
-        start = text.find(needle, start + 1)
+        start = text.lower().find(needle, start + 1)
     return out
 
 
