@@ -178,6 +178,7 @@ class _Pending:
     created: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.Task | None = None
+    deferring: bool = False  # the timer woke up: let its request finish, never cancel it
 
 
 class DiscordAdapter:
@@ -274,7 +275,7 @@ class DiscordAdapter:
             except asyncio.TimeoutError:
                 log.warning("discord: closing with %d send(s) unfinished", self._sending)
         for pending in self._pending.values():
-            if pending.timer is not None:
+            if pending.timer is not None and not pending.deferring:
                 pending.timer.cancel()
         self._pending.clear()
         if self._client is not None and not self._client.is_closed():
@@ -345,6 +346,7 @@ class DiscordAdapter:
 
     async def _defer_later(self, pending: _Pending) -> None:
         await asyncio.sleep(DEFER_AFTER)
+        pending.deferring = True
         async with pending.lock:
             if not pending.interaction.response.is_done():
                 try:
@@ -393,7 +395,7 @@ class DiscordAdapter:
 
     async def _answer_interaction(self, pending: _Pending, parts: list[str],
                                   private: bool) -> None:
-        if pending.timer is not None:
+        if pending.timer is not None and not pending.deferring:
             pending.timer.cancel()
         async with pending.lock:
             interaction = pending.interaction

@@ -148,6 +148,7 @@ class FakeDiscord:
         self.resumes: list[dict[str, Any]] = []
         self.heartbeats = 0
         self.rate_limited_posts = 0
+        self.deferred: list[tuple[int, int]] = []  # (interaction id, flags)
 
         # knobs
         self.refuse_privileged_intents = False
@@ -549,12 +550,12 @@ class FakeDiscord:
 
     def _interaction_callback(self, iid: int, body: dict[str, Any]) -> web.Response:
         data = body.get("data") or {}
+        flags = int(data.get("flags") or 0)
         mid = snowflake()
         if body.get("type") == 4:  # CHANNEL_MESSAGE_WITH_SOURCE
             self.posts.append(Post("callback", None, body, mid, iid))
-        else:
-            self.requests.append(("CALLBACK", str(body.get("type"))))
-        flags = int(data.get("flags") or 0)
+        elif body.get("type") == 5:  # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE ("thinking")
+            self.deferred.append((iid, flags))
         return self._json({
             "interaction": {"id": str(iid), "type": 2, "response_message_id": str(mid),
                             "response_message_loading": body.get("type") == 5,
