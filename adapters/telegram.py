@@ -192,8 +192,7 @@ class TelegramAdapter:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _build(self) -> Application:
-        if self.config.telegram_token is None:
-            raise ConfigError("DIALOGBOT_TELEGRAM_TOKEN is not set")
+        assert self.config.telegram_token is not None
         builder = (ApplicationBuilder()
                    .token(self.config.telegram_token.get_secret_value())
                    .rate_limiter(AIORateLimiter(max_retries=MAX_RETRIES))
@@ -211,18 +210,25 @@ class TelegramAdapter:
     async def start(self, pipeline: "Pipeline") -> None:
         if self._app is not None:
             return
+        cfg = self.config
+        if cfg.telegram_token is None:
+            raise ConfigError("DIALOGBOT_TELEGRAM_TOKEN is not set")
+        if cfg.telegram_webhook_url:
+            # Without a configured secret, a random one still makes Telegram prove itself.
+            self.webhook_secret = (cfg.telegram_webhook_secret.get_secret_value()
+                                   if cfg.telegram_webhook_secret
+                                   else secrets.token_urlsafe(32))
         logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs URLs with the token
+        self._guard_logs([cfg.telegram_token.get_secret_value(), self.webhook_secret or ""])
         self._pipeline = pipeline
-        self._guard_logs()
-        app = self._build()
-        self._app = app
         try:
+            app = self._app = self._build()
             await app.initialize()  # getMe
             self.username, self.bot_id = app.bot.username, app.bot.id
             await app.bot.set_my_commands([BotCommand(n, d) for n, d in COMMANDS])
             await app.start()
             assert app.updater is not None
-            if self.config.telegram_webhook_url:
+            if cfg.telegram_webhook_url:
                 await self._start_webhook(app)
             else:
                 await app.updater.start_polling(allowed_updates=[Update.MESSAGE])
@@ -236,13 +242,10 @@ class TelegramAdapter:
             await self.stop()
             raise
         log.info("telegram: running as @%s (%s)", self.username,
-                 "webhook" if self.config.telegram_webhook_url else "long polling")
+                 "webhook" if cfg.telegram_webhook_url else "long polling")
 
     async def _start_webhook(self, app: Application) -> None:
         cfg = self.config
-        # Without a configured secret, a random one still makes Telegram prove itself.
-        self.webhook_secret = (cfg.telegram_webhook_secret.get_secret_value()
-                               if cfg.telegram_webhook_secret else secrets.token_urlsafe(32))
         assert app.updater is not None and cfg.telegram_webhook_url
         await app.updater.start_webhook(
             listen=cfg.telegram_webhook_listen, port=cfg.telegram_webhook_port,
@@ -254,6 +257,7 @@ class TelegramAdapter:
         """Stop receiving, let PTB finish what it is processing, close the HTTP client."""
         app, self._app = self._app, None
         if app is None:
+            self._unguard_logs()
             return
         try:
             if app.updater is not None and app.updater.running:
@@ -265,12 +269,12 @@ class TelegramAdapter:
                 await app.shutdown()
             self._unguard_logs()
 
-    def _guard_logs(self) -> None:
-        """PTB logs its API URL (with the token) at DEBUG, httpx every request URL at INFO:
-        redact the token on those loggers themselves, whatever handlers are installed."""
-        if self.config.telegram_token is None:
-            return
-        self._redactor = RedactingFilter([self.config.telegram_token.get_secret_value()])
+    def _guard_logs(self, secrets_: list[str]) -> None:
+        """PTB logs its API URL (with the token) and request parameters (the webhook secret)
+        at DEBUG, httpx every request URL at INFO: redact them on those loggers themselves,
+        whatever handlers are installed."""
+        self._unguard_logs()
+        self._redactor = RedactingFilter(secrets_)
         names = [n for n in logging.root.manager.loggerDict
                  if n.split(".")[0] in ("telegram", "httpx", "httpcore")]
         self._guarded = [logging.getLogger(n) for n in {*names, *_URL_LOGGERS}]
@@ -279,7 +283,8 @@ class TelegramAdapter:
 
     def _unguard_logs(self) -> None:
         for logger in self._guarded:
-            logger.removeFilter(self._redactor)
+            if self._redactor is not None:
+                logger.removeFilter(self._redactor)
         self._guarded = []
 
     async def _on_update(self, update: object, context: object) -> None:

@@ -209,7 +209,8 @@ def free_port() -> int:
 
 
 async def test_webhook_answers_with_the_right_secret_and_rejects_a_wrong_one(make_config,
-                                                                            fake):
+                                                                            fake, caplog):
+    caplog.set_level(logging.DEBUG)
     port = free_port()
     url = f"http://127.0.0.1:{port}/tg-hook"
     config = make_config(telegram_token=TOKEN, telegram_base_url=fake.base_url,
@@ -237,6 +238,7 @@ async def test_webhook_answers_with_the_right_secret_and_rejects_a_wrong_one(mak
         await asyncio.sleep(0.3)
     assert len(fake.sent_to(DM)) == 1
     assert replied_to(sent[0]) == good["message"]["message_id"]
+    assert "setWebhook" in caplog.text and "s3cret-Value_1" not in caplog.text
 
 
 async def test_stop_is_idempotent_and_send_after_stop_fails_cleanly(config, fake):
@@ -247,3 +249,30 @@ async def test_stop_is_idempotent_and_send_after_stop_fails_cleanly(config, fake
     await adapter.stop()
     with pytest.raises(PlatformError):
         await adapter.send(Reply("telegram", str(DM), "late"))
+
+
+async def test_typing_is_renewed_until_the_block_exits(config, fake, monkeypatch):
+    import adapters.telegram as tg
+
+    monkeypatch.setattr(tg, "TYPING_EVERY", 0.05)
+    async with running(config) as (_, adapter):
+        async with adapter.typing(ft_event(DM, DM, direct=True)):
+            await asyncio.sleep(0.4)
+        during = len(fake.calls_of("sendChatAction"))
+        await asyncio.sleep(0.3)
+        after = len(fake.calls_of("sendChatAction"))
+    assert during >= 3 and after == during
+    assert all(c.params["action"] == "typing" and int(c.params["chat_id"]) == DM
+               for c in fake.calls_of("sendChatAction"))
+
+
+async def test_a_rejected_token_fails_start_with_one_clean_error(make_config, fake, caplog):
+    from bot.errors import PlatformError
+
+    config = make_config(telegram_token="999:WRONG-TOKEN-xyz", telegram_base_url=fake.base_url)
+    adapter = TelegramAdapter(config)
+    app = build_app(config, adapters=[adapter])
+    with pytest.raises(PlatformError, match="token was rejected") as info:
+        await app.start()
+    assert "WRONG-TOKEN" not in str(info.value) and "WRONG-TOKEN" not in caplog.text
+    await adapter.stop()  # idempotent after a failed start
