@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, TypeVar
 from urllib.parse import quote
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import delete, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, Connection, Row, make_url
@@ -85,6 +86,14 @@ def prepare_engine(engine: AsyncEngine, busy_timeout_ms: int = 5000) -> None:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+_migration_locks: "WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = \
+    WeakKeyDictionary()
+
+
+def _process_migration_lock() -> asyncio.Lock:
+    return _migration_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 def _upgrade_to_head(connection: Connection) -> None:
@@ -151,11 +160,13 @@ class SQLAlchemyStore:
 
     @staticmethod
     async def _migrate(conn: AsyncConnection) -> None:
-        if conn.dialect.name == "postgresql":
-            # held until this transaction commits: a second instance waits, then finds head
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                               {"key": MIGRATION_LOCK_KEY})
-        await conn.run_sync(_upgrade_to_head)
+        # Alembic keeps its context in module globals: one upgrade at a time per process.
+        async with _process_migration_lock():
+            if conn.dialect.name == "postgresql":
+                # held until this transaction commits: another instance waits, then finds head
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK_KEY})
+            await conn.run_sync(_upgrade_to_head)
 
     # --- history --------------------------------------------------------------------------
     async def append(self, turn: Turn) -> Turn:

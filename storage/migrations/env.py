@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage.models import metadata
@@ -37,9 +37,12 @@ def _url() -> str:
 
 
 async def _run_async() -> None:
-    from storage.store import prepare_engine
+    from storage.store import SQLAlchemyStore, prepare_engine
 
-    engine = create_async_engine(_url())
+    url = make_url(_url())
+    if url.get_backend_name() == "sqlite":
+        SQLAlchemyStore._make_parent(url.database)
+    engine = create_async_engine(url)
     prepare_engine(engine)
     try:
         async with engine.begin() as conn:
