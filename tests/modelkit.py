@@ -46,9 +46,12 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def make_model_dir(folder: Path, shape: str = "tiny", seed: int = 0,
-                   kind: str = "lm") -> Path:
+                   kind: str = "lm", never_eos: bool = False) -> Path:
     """Save a random-weight DialoGPT-shaped model (kind="lm") or DialogRPT-shaped ranker
-    (kind="ranker": GPT2ForSequenceClassification, one label) with the real tokenizer."""
+    (kind="ranker": GPT2ForSequenceClassification, one label) with the real tokenizer.
+
+    never_eos=True (lm only): the model never ranks end-of-text in its top 50, so every reply
+    runs to max_new_tokens on any backend (same compute; see `suppress_eos`)."""
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -61,7 +64,22 @@ def make_model_dir(folder: Path, shape: str = "tiny", seed: int = 0,
         model = GPT2ForSequenceClassification(config)
     else:
         model = GPT2LMHeadModel(config)
+        if never_eos:
+            suppress_eos(model)
     model.eval()
     model.save_pretrained(folder)
     write_tokenizer(folder)
     return folder
+
+
+def suppress_eos(model, dims: int = 16, weight: float = -0.3) -> None:
+    """The final layer norm outputs a constant 1 on `dims` features that only EOS's LM-head
+    row reads (at `weight` each): EOS's logit is lowered by about 5 at every step. The weights
+    stay small, so int8 quantization (one scale per tensor) keeps its resolution."""
+    import torch
+
+    with torch.no_grad():
+        model.transformer.ln_f.weight[:dims] = 0.0
+        model.transformer.ln_f.bias[:dims] = 1.0
+        model.lm_head.weight[:, :dims] = 0.0
+        model.lm_head.weight[EOS, :dims] = weight

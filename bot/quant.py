@@ -1,0 +1,109 @@
+"""Model preparation for the precision chosen with DIALOGBOT_QUANTIZE.
+
+`prepare_model(model, quantize, device)` runs once, in the generator's worker, right after the
+model is loaded and moved to its device:
+
+- `none`: unchanged (fp32). Greedy replies are token-exact with the model card's loop.
+- `int8`: CPU only. GPT-2's `Conv1D` layers (a linear layer with its weight stored transposed)
+  become `nn.Linear`, then torch's dynamic quantization stores every linear weight (attention,
+  MLP, the LM head) as int8 and quantizes activations on the fly. Activations are scaled per
+  batch, so a reply can differ slightly from fp32 (and a batched row from a solo run):
+  token-exact parity is an fp32 property; int8 replies are checked for well-formedness only.
+- `bf16`: `model.to(torch.bfloat16)` on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA.
+- `fp16`: CUDA only.
+
+Anything that cannot run where it was asked raises `ConfigError` naming DIALOGBOT_QUANTIZE.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from bot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_OPTIONS = ("none", "int8", "bf16", "fp16")
+
+
+def is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (oneDNN reports AVX512-BF16 or AMX).
+
+    A bf16 matmul "works" on any CPU, emulated and slower than fp32, so trying one proves
+    nothing: oneDNN's own check is used, with torch's CPU capability as a fallback."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None:
+        try:
+            return bool(check())
+        except RuntimeError:
+            pass
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def check_quantize(quantize: str, device: str) -> None:
+    """Raise ConfigError when `quantize` cannot run on `device` (cheap: no model needed)."""
+    if quantize not in QUANTIZE_OPTIONS:
+        raise ConfigError(f"DIALOGBOT_QUANTIZE={quantize!r}: use one of "
+                          f"{', '.join(QUANTIZE_OPTIONS)}")
+    if quantize == "int8" and is_cuda(device):
+        raise ConfigError("DIALOGBOT_QUANTIZE=int8 is torch dynamic quantization, CPU only; "
+                          f"DIALOGBOT_DEVICE={device!r}: use fp16 on a GPU")
+    if quantize == "fp16" and not is_cuda(device):
+        raise ConfigError("DIALOGBOT_QUANTIZE=fp16 needs a CUDA device "
+                          f"(DIALOGBOT_DEVICE={device!r}); on a CPU use int8 or bf16")
+    if quantize == "bf16" and not is_cuda(device) and not cpu_supports_bf16():
+        raise ConfigError("DIALOGBOT_QUANTIZE=bf16: this CPU has no native bf16 "
+                          "(AVX512-BF16/AMX), where it is slower than fp32; use int8 or none")
+
+
+def conv1d_to_linear(model: Any) -> int:
+    """Replace every transformers `Conv1D` in `model` by an equivalent `nn.Linear`, in place.
+
+    Conv1D computes x @ W + b with W of shape (in, out); nn.Linear stores (out, in), so the
+    weight is transposed. Returns how many layers were replaced."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.nx, child.nf, bias=True,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
+
+
+def prepare_model(model: Any, quantize: str, device: str) -> Any:
+    """Return the model ready to serve at the requested precision (see the module doc)."""
+    import torch
+
+    check_quantize(quantize, device)
+    if quantize == "none":
+        return model
+    if quantize == "int8":
+        from torch import nn
+        from torch.ao.quantization import quantize_dynamic
+
+        replaced = conv1d_to_linear(model)
+        with warnings.catch_warnings():  # torch 2.10+ flags the qint8 tensor API as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            model = quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8)
+        log.info("dynamic int8 quantization: %d Conv1D layers converted to Linear", replaced)
+        return model.eval()
+    dtype = torch.bfloat16 if quantize == "bf16" else torch.float16
+    log.info("model weights cast to %s", dtype)
+    return model.to(dtype).eval()
