@@ -171,6 +171,13 @@ def intents() -> discord.Intents:
 
 
 @dataclass
+class _Progress:
+    """How many parts of one reply are delivered."""
+
+    sent: int = 0
+
+
+@dataclass
 class _Pending:
     """A slash command waiting for the core's answer."""
 
@@ -205,12 +212,14 @@ class DiscordAdapter:
         self._task: asyncio.Task | None = None
         self._pipeline: Pipeline | None = None
         self._ready = asyncio.Event()
+        self.done = asyncio.Event()  # set when the connection has ended for good
         self._closing = False
         self._sending = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._pending: dict[str, _Pending] = {}
         self._members: OrderedDict[tuple[int, int], discord.Member] = OrderedDict()
+        self._progress: OrderedDict[Reply, int] = OrderedDict()  # parts sent before a failure
 
     @property
     def client(self) -> discord.Client:
@@ -239,6 +248,7 @@ class DiscordAdapter:
         self._pipeline = pipeline
         self._closing = False
         self._ready.clear()
+        self.done.clear()
         self._client = self._make_client()
         self._task = asyncio.create_task(
             self._client.start(self._token.get_secret_value()), name="discord-client")
@@ -246,7 +256,7 @@ class DiscordAdapter:
         done, _ = await asyncio.wait({self._task, ready}, timeout=self._ready_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
-            self._task.add_done_callback(_log_client_end)
+            self._task.add_done_callback(self._client_ended)
             log.info("discord: connected as %s (id %s), %d server(s)", self.client.user,
                      self.client.user.id if self.client.user else "?", len(self.client.guilds))
             return
@@ -255,6 +265,16 @@ class DiscordAdapter:
                  else None)
         await self.stop()
         raise _start_error(error, self._ready_timeout) from None
+
+    def _client_ended(self, task: asyncio.Task) -> None:
+        """The client stopped by itself (e.g. the token was revoked): say so and set `done`,
+        which the app watches, so the process exits instead of running deaf."""
+        self.done.set()
+        if self._closing or task.cancelled():
+            return
+        error = task.exception()
+        log.error("discord: the connection ended%s", f": {type(error).__name__}: {error}"
+                  if error is not None else "")
 
     async def _setup(self) -> None:
         """Runs in discord.py's setup_hook (after login, before the gateway)."""
@@ -286,6 +306,7 @@ class DiscordAdapter:
             except BaseException:  # noqa: BLE001 - its end was already reported or is moot
                 pass
         self._task = None
+        self.done.set()
 
     # --- inbound ----------------------------------------------------------------------------
     async def _on_message(self, message: discord.Message) -> None:
@@ -361,51 +382,67 @@ class DiscordAdapter:
 
     # --- outbound ---------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
+        """Deliver every part; if a part fails, a later `send` of the same reply (the
+        pipeline retries) resumes after the parts already delivered instead of repeating them."""
+        if self._client is None or self._client.is_closed():
+            raise PlatformError("the Discord connection is closed")
         parts = split_message(clean_outgoing(reply.text), MAX_LENGTH)
         if not parts:
             return
+        progress = _Progress(self._progress.pop(reply, 0))
+        pending = (self._pending.pop(reply.reply_to, None)
+                   if reply.reply_to and reply.reply_to.startswith(INTERACTION_PREFIX) else None)
         self._sending += 1
         self._idle.clear()
         try:
-            pending = (self._pending.pop(reply.reply_to, None)
-                       if reply.reply_to and reply.reply_to.startswith(INTERACTION_PREFIX)
-                       else None)
             if pending is not None:
-                await self._answer_interaction(pending, parts, reply.private)
+                await self._answer_interaction(pending, parts, reply.private, progress)
             else:
-                await self._send_to_channel(reply, parts)
-        except discord.HTTPException as exc:
-            raise PlatformError(f"Discord refused the message ({exc.status}: "
-                                f"{exc.text[:100]})") from exc
+                await self._send_to_channel(reply, parts, progress)
+        except Exception as exc:
+            self._progress[reply] = progress.sent
+            while len(self._progress) > 256:
+                self._progress.popitem(last=False)
+            if pending is not None:
+                self._pending[reply.reply_to] = pending  # type: ignore[index]
+            if isinstance(exc, discord.HTTPException):
+                raise PlatformError(f"Discord refused the message ({exc.status}: "
+                                    f"{exc.text[:100]})") from exc
+            raise
         finally:
             self._sending -= 1
             if not self._sending:
                 self._idle.set()
 
-    async def _send_to_channel(self, reply: Reply, parts: list[str]) -> None:
+    async def _send_to_channel(self, reply: Reply, parts: list[str],
+                               progress: "_Progress") -> None:
         channel = self._channel(reply.channel)
         reference = None
         if reply.reply_to and reply.reply_to.isdigit():
             reference = discord.MessageReference(message_id=int(reply.reply_to),
                                                  channel_id=int(reply.channel),
                                                  fail_if_not_exists=False)
-        for number, part in enumerate(parts):
-            await channel.send(part, allowed_mentions=NO_PINGS, mention_author=False,
-                               reference=reference if number == 0 else None)
+        while progress.sent < len(parts):
+            await channel.send(parts[progress.sent], allowed_mentions=NO_PINGS,
+                               mention_author=False,
+                               reference=reference if progress.sent == 0 else None)
+            progress.sent += 1
 
-    async def _answer_interaction(self, pending: _Pending, parts: list[str],
-                                  private: bool) -> None:
+    async def _answer_interaction(self, pending: _Pending, parts: list[str], private: bool,
+                                  progress: "_Progress") -> None:
         if pending.timer is not None and not pending.deferring:
             pending.timer.cancel()
         async with pending.lock:
             interaction = pending.interaction
             if not interaction.response.is_done():
-                await interaction.response.send_message(parts[0], ephemeral=private,
+                await interaction.response.send_message(parts[progress.sent],
+                                                        ephemeral=private,
                                                         allowed_mentions=NO_PINGS)
-                parts = parts[1:]
-            for part in parts:
-                await interaction.followup.send(part, ephemeral=private,
+                progress.sent += 1
+            while progress.sent < len(parts):
+                await interaction.followup.send(parts[progress.sent], ephemeral=private,
                                                 allowed_mentions=NO_PINGS)
+                progress.sent += 1
 
     def _channel(self, channel_id: str) -> Any:
         cid = int(channel_id)
@@ -464,9 +501,3 @@ def _start_error(error: BaseException | None, timeout: float) -> PlatformError:
     return PlatformError(f"could not connect to Discord: {type(error).__name__}: {error}")
 
 
-def _log_client_end(task: asyncio.Task) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.error("discord: the connection ended: %s: %s", type(error).__name__, error)

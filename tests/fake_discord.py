@@ -154,6 +154,7 @@ class FakeDiscord:
         self.refuse_privileged_intents = False
         self._rate_limit_left = 0
         self._retry_after = 0.0
+        self._fail_plan: list[int] = [0, 0, 0]  # successes to let through, failures, status
 
         self._shards: dict[int, _Shard] = {}
         self._sessions: dict[str, _Shard] = {}
@@ -193,6 +194,11 @@ class FakeDiscord:
     def rate_limit_next_posts(self, count: int, retry_after: float) -> None:
         """Answer the next `count` message posts with 429 and this retry_after."""
         self._rate_limit_left, self._retry_after = count, retry_after
+
+    def fail_posts(self, after: int, count: int = 1, status: int = 403) -> None:
+        """Let `after` message posts succeed, then refuse `count` with `status`
+        (403 = Missing Permissions, which discord.py does not retry)."""
+        self._fail_plan = [after, count, status]
 
     async def drop_connection(self, code: int = 4000) -> None:
         """Close every gateway socket (as Discord does now and then); sessions stay resumable."""
@@ -538,6 +544,12 @@ class FakeDiscord:
                       "X-RateLimit-Reset-After": f"{retry:.3f}",
                       "X-RateLimit-Reset": f"{time.time() + retry:.3f}",
                       "X-RateLimit-Bucket": "fake-messages", "X-RateLimit-Scope": "user"})
+        after, failures, status = self._fail_plan
+        if failures and not after:
+            self._fail_plan[1] -= 1
+            return self._json({"message": "Missing Permissions", "code": 50013}, status)
+        if failures:
+            self._fail_plan[0] -= 1
         msg = self._bot_message(cid, body.get("content") or "")
         self.posts.append(Post("message", cid, body, int(msg["id"])))
         # Discord echoes the bot's own message through the gateway

@@ -14,6 +14,7 @@ from adapters.discord import DiscordAdapter
 from bot.app import build_app
 from bot.errors import PlatformError
 from bot.events import Incoming, Reply
+from bot.text import split_message
 from tests.fake_discord import EPHEMERAL, MANAGE_MESSAGES, FakeDiscord, Post
 
 TOKEN = "FAKE.discord.TOKEN-abcdefghijklmnop"
@@ -65,6 +66,11 @@ async def quiet_for(fake: FakeDiscord, seconds: float = 0.5) -> int:
     """Let in-flight work settle; return how many posts exist."""
     await asyncio.sleep(seconds)
     return len(fake.posts)
+
+
+async def quiet_posts(fake: FakeDiscord, channel: int) -> list[Post]:
+    await asyncio.sleep(0.3)
+    return [p for p in fake.posts if p.channel_id == channel]
 
 
 async def stored(app, channel: int) -> int:
@@ -199,6 +205,23 @@ async def test_long_reply_arrives_in_parts_of_at_most_2000(bot, fake):
         assert "message_reference" not in later.payload
 
 
+async def test_a_retried_send_does_not_repeat_parts_already_delivered(bot, fake):
+    _, adapter = await bot()
+    trigger = await fake.send_message(fake.alice, fake.general, "long one please")
+    reply = Reply("discord", str(fake.general), " ".join(f"w{i}" for i in range(1200)),
+                  reply_to=trigger["id"])
+    fake.fail_posts(after=1, count=1, status=403)
+    with pytest.raises(PlatformError, match="403"):
+        await adapter.send(reply)
+    assert len([p for p in fake.posts if p.channel_id == fake.general]) == 1
+    await adapter.send(reply)  # what the pipeline's retry does
+    expected = split_message(reply.text, 2000)
+    assert len(expected) == 4
+    posts = await fake.wait_posts(4, channel_id=fake.general)
+    assert [p.content for p in await quiet_posts(fake, fake.general)] == expected
+    assert [("message_reference" in p.payload) for p in posts] == [True, False, False, False]
+
+
 # --- commands -------------------------------------------------------------------------------
 async def chat_in_general(fake: FakeDiscord, count: int = 1) -> None:
     for n in range(count):
@@ -304,6 +327,14 @@ async def test_bot_survives_a_gateway_disconnect(bot, fake):
     assert len(fake.resumes) == 1 and len(fake.identifies) == 1  # resumed, not re-identified
     await fake.send_dm(fake.alice, "and after?")
     await fake.wait_posts(1, channel_id=fake.dm_channel(fake.alice))
+
+
+async def test_a_fatal_gateway_close_sets_done_so_the_app_exits(bot, fake, caplog):
+    _, adapter = await bot()
+    assert not adapter.done.is_set()
+    await fake.drop_connection(code=4004)  # "authentication failed": not resumable
+    await asyncio.wait_for(adapter.done.wait(), 10)
+    assert any("connection ended" in r.getMessage() for r in caplog.records)
 
 
 async def test_auto_sharding_connects_every_shard(fake, bot):
