@@ -8,12 +8,17 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bot.config import Config
 from bot.generator import LocalGenerator
 from bot.limits import MemoryChannelLock, MemoryLimiter
 from bot.pipeline import Pipeline
 from bot.ports import Adapter, Generator, Store
+from bot.quality import ReplyRules
+
+if TYPE_CHECKING:
+    from bot.rankers import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,21 @@ def make_generator(config: Config) -> Generator:
                                   threads=config.torch_threads)
     return LocalGenerator(backend, queue_size=config.queue_size,
                           timeout=config.generation_timeout,
-                          fallback_reply=config.fallback_reply)
+                          fallback_reply=config.fallback_reply,
+                          rules=reply_rules(config), rankers=make_rankers(config))
+
+
+def reply_rules(config: Config) -> ReplyRules:
+    return ReplyRules(max_candidates=config.max_candidates, repeat_window=config.repeat_window,
+                      blocklist=config.blocklist, neutral_reply=config.neutral_reply)
+
+
+def make_rankers(config: Config) -> "Ensemble | None":
+    """DialogRPT rankers, or None; built here, loaded and run in the generator's worker."""
+    from bot.rankers import Ensemble, parse_rankers
+
+    specs = parse_rankers(config.rankers)
+    return Ensemble(specs, device=config.device) if specs else None
 
 
 def make_adapters(config: Config, platforms: Sequence[str] | None = None) -> list[Adapter]:

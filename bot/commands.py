@@ -8,7 +8,7 @@ platform says (chat administrator, Manage Messages); in a direct message the use
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from bot.config import Config
 from bot.events import DECODING_FIELDS, DecodingSettings, Incoming
 from bot.ports import Generator, Store
+from bot.rankers import parse_rankers
 
 COMMAND_NAMES = ("start", "help", "reset", "forget", "settings")
 
@@ -61,6 +62,7 @@ class Commands:
         self.store = store
         self.generator = generator
         self._validators = {name: _field_validator(name) for name in DECODING_FIELDS}
+        self.rankers = ", ".join(map(str, parse_rankers(config.rankers))) or "none"
 
     def is_configured_admin(self, event: Incoming) -> bool:
         return event.user_key in self.config.admin_ids
@@ -128,15 +130,25 @@ class Commands:
             except ValidationError as exc:
                 msg = exc.errors(include_url=False)[0]["msg"]
                 raise ValueError(f"{name}: {msg} (got {raw[:20]!r}).") from None
+            if name == "candidates" and changes[name] > self.config.max_candidates:
+                raise ValueError(f"candidates: at most {self.config.max_candidates} here "
+                                 f"(got {changes[name]}).")
         return changes
 
     def effective(self, overrides: dict[str, Any]) -> DecodingSettings:
-        return self.config.decoding.merged(overrides)
+        settings = self.config.decoding.merged(overrides)
+        if settings.candidates > self.config.max_candidates:  # the maximum was lowered since
+            settings = replace(settings, candidates=self.config.max_candidates)
+        return settings
 
     def describe(self, overrides: dict[str, Any]) -> str:
         settings = self.effective(overrides)
         lines = ["Settings for this chat (* = changed here):"]
         for name in DECODING_FIELDS:
             mark = "*" if name in overrides else ""
-            lines.append(f"{name} = {getattr(settings, name)}{mark}")
+            note = (f" (at most {self.config.max_candidates}; used when do_sample is on)"
+                    if name == "candidates" else "")
+            lines.append(f"{name} = {getattr(settings, name)}{mark}{note}")
+        lines.append(f"rankers = {self.rankers}")
+        lines.append(f"word filter = {'on' if self.config.blocklist else 'off'}")
         return "\n".join(lines)

@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -72,6 +72,23 @@ class Config(BaseSettings):
     repetition_penalty: float = Field(1.0, ge=1, le=5)
     no_repeat_ngram_size: int = Field(3, ge=0, le=10)
     max_new_tokens: int = Field(64, ge=1, le=512)
+    candidates: int = Field(1, ge=1, le=64, description=(
+        "Replies sampled per message (one batched call); the rankers pick one. 1 = off."))
+
+    # --- reply quality (bot/rankers.py, bot/quality.py) -----------------------------------
+    max_candidates: int = Field(8, ge=1, le=64, description=(
+        "Most candidates a channel may ask for with /settings candidates=N."))
+    rankers: str = Field("", description=(
+        "DialogRPT rankers with optional weights, e.g. 'human-vs-rand:0.5,updown:1' "
+        "(names map to microsoft/DialogRPT-<name>; hub ids and local directories work too)."))
+    repeat_window: int = Field(4, ge=0, le=100, description=(
+        "Candidates repeating one of the bot's last N replies (or the user's message) are "
+        "dropped. 0 = off."))
+    blocklist: Path | None = Field(None, description=(
+        "Word filter: a file with one word or phrase a line; candidates containing one are "
+        "dropped. Unset = off."))
+    neutral_reply: str = Field("Let's talk about something else.", min_length=1,
+                               description="Sent when the word filter dropped every candidate.")
 
     # --- storage ----------------------------------------------------------------------------
     database_url: str = Field("sqlite+aiosqlite:///data/dialogbot.db", min_length=1)
@@ -109,6 +126,31 @@ class Config(BaseSettings):
             platform, _, ident = str(entry).partition(":")
             if platform not in PLATFORMS or not ident:
                 raise ValueError(f"entries look like telegram:123 or discord:456, got {entry!r}")
+        return value
+
+    @field_validator("rankers")
+    @classmethod
+    def _rankers(cls, value: str) -> str:
+        from bot.rankers import parse_rankers
+
+        parse_rankers(value)
+        return value
+
+    @field_validator("blocklist", mode="before")
+    @classmethod
+    def _blocklist(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if value is not None and not Path(value).is_file():
+            raise ValueError("no such file")
+        return value
+
+    @field_validator("max_candidates")
+    @classmethod
+    def _candidates_within_max(cls, value: int, info: ValidationInfo) -> int:
+        wanted = info.data.get("candidates", 1)
+        if wanted > value:
+            raise ValueError(f"must be at least DIALOGBOT_CANDIDATES ({wanted})")
         return value
 
     @field_validator("discord_channels", mode="before")
@@ -153,7 +195,8 @@ class Config(BaseSettings):
         return DecodingSettings(
             do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
             top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size, max_new_tokens=self.max_new_tokens)
+            no_repeat_ngram_size=self.no_repeat_ngram_size, max_new_tokens=self.max_new_tokens,
+            candidates=self.candidates)
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for the log redaction filter."""

@@ -137,6 +137,7 @@ class DecodingSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 3
     max_new_tokens: int = 64
+    candidates: int = 1  # replies sampled per message, the rankers pick one (sampling only)
 
     def merged(self, overrides: dict[str, Any]) -> "DecodingSettings":
         known = {k: v for k, v in overrides.items() if k in DECODING_FIELDS}

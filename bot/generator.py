@@ -12,11 +12,15 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bot.errors import BusyError, GenerationError, GenerationTimeout
 from bot.events import DecodingSettings, Generated, GenerationRequest, Role
 from bot.prompt import build_prompt, prompt_budget, text_tail
+from bot.quality import Blocklist, ReplyRules, earlier_lines, is_repeat
+
+if TYPE_CHECKING:
+    from bot.rankers import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,8 @@ class Backend(Protocol):
     """Synchronous model access; every method is called from the worker thread only.
 
     `generate` returns the new token ids (the end-of-text token not included) and stops early
-    when `cancel` is set.
+    when `cancel` is set. `generate_candidates` returns `n` such replies to one prompt from one
+    batched model call (sampling); it is only called with n > 1.
     """
 
     eos_token_id: int
@@ -40,6 +45,9 @@ class Backend(Protocol):
     def generate(self, prompt: list[int], settings: DecodingSettings,
                  cancel: threading.Event) -> list[int]: ...
 
+    def generate_candidates(self, prompt: list[int], settings: DecodingSettings,
+                            cancel: threading.Event, n: int) -> list[list[int]]: ...
+
 
 @dataclass(slots=True)
 class _Job:
@@ -50,11 +58,16 @@ class _Job:
 
 
 class GenerationWorker:
-    """One thread that loads the backend and serves jobs from a queue, one at a time."""
+    """One thread that loads the backend (and rankers, word list) and serves jobs from a
+    queue, one at a time."""
 
-    def __init__(self, backend: Backend, fallback_reply: str):
+    def __init__(self, backend: Backend, fallback_reply: str, rules: ReplyRules | None = None,
+                 rankers: "Ensemble | None" = None):
         self.backend = backend
         self.fallback_reply = fallback_reply
+        self.rules = rules or ReplyRules()
+        self.rankers = rankers
+        self.blocklist: Blocklist | None = None
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -75,7 +88,7 @@ class GenerationWorker:
     # --- inside the worker thread -----------------------------------------------------------
     def _run(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
         try:
-            self.backend.load()
+            self.load()
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, thread ends
             _resolve(loop, loaded, exc=exc)
             return
@@ -91,6 +104,14 @@ class GenerationWorker:
             else:
                 _resolve(job.loop, job.future, result=result)
 
+    def load(self) -> None:
+        self.backend.load()
+        if self.rankers is not None:
+            self.rankers.load(self.backend.eos_token_id)
+        if self.rules.blocklist is not None:
+            self.blocklist = Blocklist.from_file(self.rules.blocklist)
+            log.info("word filter on: %d entries", len(self.blocklist))
+
     def encode_turns(self, request: GenerationRequest) -> list[list[int]]:
         budget = self.budget(request.settings)
         out = []
@@ -105,20 +126,60 @@ class GenerationWorker:
         return prompt_budget(self.backend.n_positions, settings.max_new_tokens)
 
     def produce(self, request: GenerationRequest, cancel: threading.Event) -> Generated:
-        """Prompt, generate, decode; an empty reply is retried once with sampling, then the
-        fallback line is used (never an empty message)."""
-        backend, settings = self.backend, request.settings
+        """Prompt, candidates, choice.
+
+        `count` candidates come from one model call; empty ones, repeats of the bot's recent
+        replies or of the user's message, and (filter on) ones with a listed word are dropped.
+        If none is left, candidates are generated once more with sampling; if still none, the
+        neutral line (the word filter dropped one) or the fallback line is used, never an
+        empty message. Of several left, the rankers pick (without rankers: the first)."""
+        settings = request.settings
         prompt = build_prompt(self.encode_turns(request), self.budget(settings),
-                              backend.eos_token_id)
-        ids = backend.generate(prompt, settings, cancel)
-        text = backend.decode(ids).strip()
-        if not text and not cancel.is_set():
+                              self.backend.eos_token_id)
+        earlier = earlier_lines(request.turns, self.rules.repeat_window)
+        kept, blocked = self.candidates(prompt, settings, earlier, cancel)
+        if not kept and not cancel.is_set():
             retry = replace(settings, do_sample=True) if not settings.do_sample else settings
-            ids = backend.generate(prompt, retry, cancel)
-            text = backend.decode(ids).strip()
-        if not text:
-            return Generated(self.fallback_reply, (), len(prompt), fallback=True)
+            kept, blocked = self.candidates(prompt, retry, earlier, cancel)
+        if not kept:
+            text = self.rules.neutral_reply if blocked else self.fallback_reply
+            return Generated(text, (), len(prompt), fallback=True)
+        best = 0
+        if self.rankers is not None and len(kept) > 1 and not cancel.is_set():
+            best = self.rankers.best(prompt, [ids for ids, _ in kept])
+        ids, text = kept[best]
         return Generated(text, tuple(ids), len(prompt))
+
+    def count(self, settings: DecodingSettings) -> int:
+        """Candidates per call: the channel's number within the maximum; 1 when greedy."""
+        if not settings.do_sample:
+            return 1
+        return max(1, min(settings.candidates, self.rules.max_candidates))
+
+    def candidates(self, prompt: list[int], settings: DecodingSettings,
+                   earlier: tuple[str, ...], cancel: threading.Event,
+                   ) -> tuple[list[tuple[list[int], str]], int]:
+        """(kept (ids, text) pairs without duplicates, how many the word filter dropped)."""
+        n = self.count(settings)
+        if n == 1:
+            batch = [self.backend.generate(prompt, settings, cancel)]
+        else:
+            batch = self.backend.generate_candidates(prompt, settings, cancel, n)
+        kept: list[tuple[list[int], str]] = []
+        seen: set[str] = set()
+        blocked = 0
+        for ids in batch:
+            text = self.backend.decode(ids).strip()
+            if not text or text in seen or is_repeat(text, earlier):
+                continue
+            seen.add(text)
+            if self.blocklist is not None and self.blocklist.blocks(text):
+                blocked += 1
+                continue
+            kept.append((ids, text))
+        if n > 1:
+            log.debug("%d candidates, %d kept, %d blocked", len(batch), len(kept), blocked)
+        return kept, blocked
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, *, result=None,
@@ -141,8 +202,9 @@ class LocalGenerator:
     """The `Generator` seam over a local backend: a bounded queue in front of one worker."""
 
     def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
-                 fallback_reply: str = "I'm not sure what to say to that."):
-        self.worker = GenerationWorker(backend, fallback_reply)
+                 fallback_reply: str = "I'm not sure what to say to that.",
+                 rules: ReplyRules | None = None, rankers: "Ensemble | None" = None):
+        self.worker = GenerationWorker(backend, fallback_reply, rules, rankers)
         self.queue_size = queue_size
         self.timeout = timeout
         self._waiting = 0

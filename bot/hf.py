@@ -79,6 +79,12 @@ class TransformersBackend:
 
     def generate(self, prompt: list[int], settings: DecodingSettings,
                  cancel: threading.Event) -> list[int]:
+        return self.generate_candidates(prompt, settings, cancel, 1)[0]
+
+    def generate_candidates(self, prompt: list[int], settings: DecodingSettings,
+                            cancel: threading.Event, n: int) -> list[list[int]]:
+        """`n` replies to one prompt from ONE `generate` call (`num_return_sequences=n`;
+        n > 1 needs sampling), each cut at its first end-of-text token."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -86,13 +92,18 @@ class TransformersBackend:
             def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
 
+        kwargs = self.generation_kwargs(settings)
+        if n > 1:
+            kwargs["num_return_sequences"] = n
         with torch.inference_mode():
             input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
             out = self.model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids),
-                generation_config=GenerationConfig(**self.generation_kwargs(settings)),
+                generation_config=GenerationConfig(**kwargs),
                 stopping_criteria=StoppingCriteriaList([_Cancelled()]))
-        new = out[0, len(prompt):].tolist()
-        if self.eos_token_id in new:
-            new = new[: new.index(self.eos_token_id)]
-        return new
+        replies = []
+        for row in out[:, len(prompt):].tolist():
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            replies.append(row)
+        return replies
