@@ -96,6 +96,16 @@ def _process_migration_lock() -> asyncio.Lock:
     return _migration_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
+def _preload(url: URL) -> None:
+    """The slow first imports (dialect, driver, Alembic) and a SQLite file's folder."""
+    import alembic.command  # noqa: F401
+    import alembic.config  # noqa: F401
+
+    url.get_dialect().import_dbapi()
+    if url.get_backend_name() == "sqlite":
+        SQLAlchemyStore._make_parent(url.database)
+
+
 def _upgrade_to_head(connection: Connection) -> None:
     from alembic import command
     from alembic.config import Config
@@ -130,14 +140,15 @@ class SQLAlchemyStore:
         try:
             url = make_url(self._url)
         except Exception as exc:
-            raise StoreError(f"invalid database URL {self._safe_url}: {self._describe(exc)}") from None
+            raise StoreError(f"invalid database URL {self._safe_url}: "
+                             f"{self._describe(exc)}") from None
         self._sqlite = url.get_backend_name() == "sqlite"
         try:
-            if self._sqlite:
-                await asyncio.to_thread(self._make_parent, url.database)
+            await asyncio.to_thread(_preload, url)  # imports and mkdir, off the loop
             engine = create_async_engine(url, **({} if self._sqlite else {"pool_pre_ping": True}))
         except Exception as exc:
-            raise StoreError(f"cannot open database {self._safe_url}: {self._describe(exc)}") from None
+            raise StoreError(f"cannot open database {self._safe_url}: "
+                             f"{self._describe(exc)}") from None
         prepare_engine(engine, self._busy_timeout_ms)
         self._engine = engine
         try:
@@ -232,8 +243,9 @@ class SQLAlchemyStore:
     async def forget(self, platform: str, author_id: str) -> int:
         mine = (turns.c.platform == platform, turns.c.author_id == author_id,
                 turns.c.role == Role.USER.value)
+        their_ids = select(turns.c.id).where(*mine)
         their_answers = delete(turns).where(turns.c.platform == platform,
-                                            turns.c.in_reply_to.in_(select(turns.c.id).where(*mine)))
+                                            turns.c.in_reply_to.in_(their_ids))
 
         async def work(conn: AsyncConnection) -> int:
             await conn.execute(their_answers)

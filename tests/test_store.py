@@ -73,7 +73,7 @@ async def test_recent_returns_newest_turns_oldest_first_up_to_limit(store):
     assert [t.text for t in got] == ["t4", "t5", "t6"]
     assert [t.role for t in got] == [Role.USER, Role.BOT, Role.USER]
     assert all(isinstance(t, Turn) for t in got)
-    assert [t.text for t in await store.recent("telegram", "c1", 100)] == [f"t{i}" for i in range(7)]
+    assert await texts(store, "telegram", "c1") == [f"t{i}" for i in range(7)]
     assert await store.recent("telegram", "c1", 0) == []
 
 
@@ -115,7 +115,8 @@ async def test_reset_clears_only_its_channel_and_keeps_its_settings(store):
 async def test_forget_removes_one_users_turns_everywhere_on_one_platform_and_the_replies_to_them(
         store):
     async def exchange(author, channel, platform="telegram"):
-        asked = await store.append(user(f"{author}@{platform}/{channel}", channel, author, platform))
+        asked = await store.append(
+            user(f"{author}@{platform}/{channel}", channel, author, platform))
         await store.add_reply(bot(f"re {author}@{platform}/{channel}", channel, platform),
                               [asked.id])
 
@@ -381,8 +382,16 @@ async def test_a_dropped_postgres_connection_is_replaced(tmp_path):
     await s.stop()
 
 
+async def test_bad_urls_raise_store_error_on_start():
+    for url in ["not a url", "nosuchdb+driver://u:pw123456@h/x", "mysql+aiomysql://u:pw123456@h/x"]:
+        with pytest.raises(StoreError) as err:
+            await SQLAlchemyStore(url).start()
+        assert "pw123456" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_redact_url_hides_passwords():
-    assert redact_url("postgresql+asyncpg://bot:pw@db:5432/x") == "postgresql+asyncpg://bot:***@db:5432/x"
+    assert (redact_url("postgresql+asyncpg://bot:pw@db:5432/x")
+            == "postgresql+asyncpg://bot:***@db:5432/x")
     assert "s3cr3t" not in redact_url("postgresql://bot@db/x?password=s3cr3t")
     assert redact_url("sqlite+aiosqlite:///data/bot.db") == "sqlite+aiosqlite:///data/bot.db"
     assert redact_url("not a url://u:pw@h") == "not a url://u:***@h"
