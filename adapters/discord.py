@@ -206,6 +206,9 @@ class DiscordAdapter:
         self._token = config.discord_token
         self._free = set(config.discord_channels)
         self._shards = config.discord_shards
+        # this instance's subset of the shards (several processes share one bot)
+        self._shard_ids = list(config.discord_shard_ids)
+        self._shard_count = config.discord_shard_count
         self._ready_timeout = ready_timeout
         self._options = dict(client_options or {})
         self._client: discord.Client | None = None
@@ -231,8 +234,11 @@ class DiscordAdapter:
     def _make_client(self) -> discord.Client:
         options: dict[str, Any] = dict(intents=intents(), allowed_mentions=NO_PINGS,
                                        chunk_guilds_at_startup=False, **self._options)
-        if self._shards is None:
-            client: discord.Client = _Client(**options)
+        if self._shard_ids:
+            client: discord.Client = _ShardedClient(
+                shard_ids=self._shard_ids, shard_count=self._shard_count, **options)
+        elif self._shards is None:
+            client = _Client(**options)
         elif self._shards == "auto":
             client = _ShardedClient(**options)
         else:
@@ -270,9 +276,11 @@ class DiscordAdapter:
         """The client stopped by itself (e.g. the token was revoked): say so and set `done`,
         which the app watches, so the process exits instead of running deaf."""
         self.done.set()
-        if self._closing or task.cancelled():
+        if task.cancelled():
             return
-        error = task.exception()
+        error = task.exception()  # retrieved even when closing, so asyncio never warns
+        if self._closing:
+            return
         log.error("discord: the connection ended%s", f": {type(error).__name__}: {error}"
                   if error is not None else "")
 
@@ -390,8 +398,11 @@ class DiscordAdapter:
         if not parts:
             return
         progress = _Progress(self._progress.pop(reply, 0))
-        pending = (self._pending.pop(reply.reply_to, None)
-                   if reply.reply_to and reply.reply_to.startswith(INTERACTION_PREFIX) else None)
+        to_interaction = bool(reply.reply_to and reply.reply_to.startswith(INTERACTION_PREFIX))
+        pending = self._pending.pop(reply.reply_to, None) if to_interaction else None
+        if to_interaction and pending is None and reply.private:
+            log.info("discord/%s: slash command expired; private answer dropped", reply.channel)
+            return
         self._sending += 1
         self._idle.clear()
         try:

@@ -276,6 +276,18 @@ async def test_slash_settings_by_admin_changes_the_channel(bot, fake):
     assert await app.store.get_settings("discord", str(fake.general)) == {"temperature": 0.5}
 
 
+async def test_answer_to_an_unknown_interaction(bot, fake):
+    _, adapter = await bot()
+    gone = "interaction:999"
+    await adapter.send(Reply("discord", str(fake.general), "refused", reply_to=gone,
+                             private=True))
+    assert await quiet_posts(fake, fake.general) == []  # a private note is not made public
+    await adapter.send(Reply("discord", str(fake.general), "public answer", reply_to=gone))
+    [post] = await fake.wait_posts(1, channel_id=fake.general)
+    assert post.content == "public answer" and "message_reference" not in post.payload
+    assert_inert_reply(post, None)
+
+
 async def test_text_reset_by_member_is_refused_and_by_admin_clears(bot, fake):
     app, _ = await bot()
     await chat_in_general(fake)
