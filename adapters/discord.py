@@ -91,10 +91,10 @@ def to_event(message: discord.Message, bot_user_id: int, bot_role_ids: set[int],
 
     text = _strip_mentions(message, content, own_mention) if content else ""
     if named and text and not text.startswith("/"):
-        word, _, rest = text.partition(" ")
+        word, *rest = text.split(maxsplit=1)
         word = word.lower().rstrip(":,.!?")
         if word in COMMAND_NAMES:
-            text = f"/{word} {rest.strip()}".strip()
+            text = " ".join([f"/{word}", *rest])
 
     return Incoming(
         platform=PLATFORM, channel=str(message.channel.id), message_id=str(message.id),

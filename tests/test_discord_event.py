@@ -77,8 +77,8 @@ def test_managed_role_mention_addresses_the_bot(world: World) -> None:
 
 def test_other_users_mentions_become_names(world: World) -> None:
     f = world.fake
-    event = world.event(world.message(f.alice, f.general, f"<@{f.bot.id}> say hi to <@{f.admin.id}>",
-                                      mentions=[f.bot, f.admin]))
+    text = f"<@{f.bot.id}> say hi to <@{f.admin.id}>"
+    event = world.event(world.message(f.alice, f.general, text, mentions=[f.bot, f.admin]))
     assert event.text == "say hi to @admin"
 
 
@@ -119,9 +119,11 @@ def test_webhook_and_system_messages_are_ignored(world: World) -> None:
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("reset", "/reset"), ("Reset!", "/reset"), ("settings temperature=0.7", "/settings temperature=0.7"),
+    ("reset", "/reset"), ("Reset!", "/reset"),
+    ("settings temperature=0.7", "/settings temperature=0.7"),
     ("help", "/help"), ("forget", "/forget"), ("start", "/start"),
     ("/reset", "/reset"), ("resetting is fun", "resetting is fun"),
+    ("settings\ntop_k=40", "/settings top_k=40"),
 ])
 def test_mention_plus_command_word_becomes_a_command(world: World, text: str,
                                                      expected: str) -> None:
