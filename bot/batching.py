@@ -1,0 +1,431 @@
+"""The batching generator: every channel's requests share one worker thread that decodes them
+together (continuous batching), and each channel's KV cache is kept between turns.
+
+Design (why this and not transformers' `init_continuous_batching` manager: in transformers
+5.23 only temperature/top_k/top_p are per request there, `do_sample` is per manager,
+`min_new_tokens` was ignored and repetition penalty / no-repeat n-grams are not known to
+apply; the bot needs every `DecodingSettings` field per channel, so the scheduler is ours, a
+few hundred lines over the model's own forward):
+
+- `BatchingGenerator` is the `Generator` seam, with `LocalGenerator`'s contract: a bounded
+  queue (`BusyError`), a timeout (`GenerationTimeout`; the request's cancel flag drops it from
+  the batch at the next step), an empty reply retried once with sampling then the fallback
+  line, `forget_channel`, `queue_depth`.
+- `BatchWorker` (one thread) loops: take the requests waiting in the queue (up to
+  `max_batch_size` rows; when idle it waits up to `max_wait` for company), prefill each new
+  request ON ITS OWN (prefill is compute-bound on a CPU: a padded batch pays for its padding),
+  then run ONE decode step for all rows together (decode is memory-bound: reading the weights
+  once serves every row). A request that arrives while others decode joins at the next step;
+  a finished one leaves at once and is answered at once.
+- Rows are left-padded in a shared `BatchCache` (preallocated buffers, so a step does not
+  copy the cache); the attention mask marks padding and each row's position ids count only
+  its real tokens (GPT-2 has absolute positions), so every fp32 greedy row equals a solo run.
+- Each row has its own transformers logits processors (repetition penalty, no-repeat n-gram,
+  temperature, top-k, top-p), applied row by row, and its own `max_new_tokens`.
+- Between turns, `PrefixCache` keeps each channel's ids the model saw and their keys/values
+  (LRU, bounded in bytes); a prompt that starts with them prefills only the new tokens. The
+  prompt is built with `bot.prompt.build_window`, which slides the window in steps of
+  `window_step` tokens so the prefix stays the same for many turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from bot.errors import BusyError, GenerationError, GenerationTimeout
+from bot.events import DecodingSettings, Generated, GenerationRequest, Role
+from bot.generator import Backend, GenerationWorker, _Job, _resolve
+from bot.kvcache import KV, BatchCache, PrefixCache
+from bot.prompt import build_window, prompt_budget, text_tail
+from bot.quality import ReplyRules, earlier_lines, is_repeat
+
+if TYPE_CHECKING:
+    from bot.rankers import Ensemble
+
+log = logging.getLogger(__name__)
+
+
+def processors_for(settings: DecodingSettings) -> LogitsProcessorList:
+    """The processors `generate` would build for these settings, in the same order."""
+    out = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.no_repeat_ngram_size > 0:
+        out.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k != 0:
+            out.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
+        if settings.top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
+    return out
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters for tests and the benchmark (written by the worker thread only)."""
+
+    prefill_tokens: int = 0  # tokens run through the model in prefills
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of batch sizes over decode steps
+    max_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Group:
+    """One attempt at a request's reply: `n` candidate rows over the same prompt."""
+
+    job: _Job
+    prompt: list[int]
+    settings: DecodingSettings
+    ticket: int
+    retried: bool
+    earlier: tuple[str, ...]
+    left: int
+    results: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Row:
+    group: _Group
+    processors: LogitsProcessorList
+    tokens: list[int] = field(default_factory=list)  # prompt + generated, as generate sees it
+    generated: list[int] = field(default_factory=list)  # without the end-of-text token
+    kv_len: int = 0  # leading `tokens` whose keys/values are in the cache
+    kv: KV | None = None  # its own cache until it joins the batch
+    done: bool = False
+
+    @property
+    def job(self) -> _Job:
+        return self.group.job
+
+    @property
+    def settings(self) -> DecodingSettings:
+        return self.group.settings
+
+
+class BatchWorker:
+    """One thread: prefill new requests one by one, decode all rows together, step by step."""
+
+    def __init__(self, backend: Backend, fallback_reply: str, *, max_batch_size: int = 16,
+                 max_wait: float = 0.002, cache_bytes: int = 512 * 2**20,
+                 window_step: int = 256, rules: ReplyRules | None = None,
+                 rankers: "Ensemble | None" = None):
+        self.backend = backend
+        self.fallback_reply = fallback_reply
+        # LocalGenerator's worker, never started: it loads the rankers and the word list and
+        # holds the reply rules (candidates, repeats, filter) this worker applies too
+        self.judge = GenerationWorker(backend, fallback_reply, rules, rankers)
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_wait = max(0.0, max_wait)
+        self.window_step = window_step
+        self.prefix = PrefixCache(cache_bytes)
+        self.stats = BatchStats()
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row] = []  # in batch order
+        self._joining: list[_Row] = []  # prefilled, not yet in the batch
+        self._batch: BatchCache | None = None
+        self._stopping = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Start the thread; the returned future resolves once the model is loaded."""
+        loaded: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(loop, loaded),
+                                        name="dialogbot-batcher", daemon=True)
+        self._thread.start()
+        return loaded
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self.jobs.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- inside the worker thread -----------------------------------------------------------
+    def _run(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
+        try:
+            self.judge.load()
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop, thread ends
+            _resolve(loop, loaded, exc=exc)
+            return
+        _resolve(loop, loaded, result=None)
+        with torch.inference_mode():
+            while not self._stopping:
+                for job in self._take():
+                    self._admit(job)
+                self._regroup()
+                if self._rows:
+                    self._step()
+        self._fail_all(GenerationError("the generator stopped"))
+
+    def _take(self) -> list[_Job]:
+        """Jobs waiting now (blocking only while idle), up to the free rows."""
+        room = self.max_batch_size - len(self._rows) - len(self._joining)
+        taken: list[_Job] = []
+        idle = not self._rows and not self._joining
+        deadline = None
+        while len(taken) < room:
+            try:
+                if idle and not taken:
+                    job = self.jobs.get()
+                    deadline = time.monotonic() + self.max_wait
+                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                    job = self.jobs.get(timeout=left)
+                else:
+                    job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopping = True
+                break
+            taken.append(job)
+        return taken
+
+    def _admit(self, job: _Job) -> None:
+        if job.cancel.is_set() or job.future.done():
+            return
+        try:
+            ticket = self.prefix.ticket()
+            prompt = self.prompt_for(job.request, ticket)
+            earlier = earlier_lines(job.request.turns, self.judge.rules.repeat_window)
+            self._prefill(_Group(job, prompt, job.request.settings, ticket, False, earlier, 0))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+            log.exception("generation failed for %s", job.request.channel_key)
+            _resolve(job.loop, job.future, exc=GenerationError(str(exc) or type(exc).__name__))
+
+    def prompt_for(self, request: GenerationRequest, ticket: int = 0) -> list[int]:
+        """The channel's prompt: turns encoded (bot turns by their generated ids), windowed."""
+        backend, settings = self.backend, request.settings
+        budget = prompt_budget(backend.n_positions, settings.max_new_tokens)
+        turns = [list(t.token_ids) if t.role is Role.BOT and t.token_ids
+                 else backend.encode(text_tail(t.text, budget)) for t in request.turns]
+        key = request.channel_key
+        prompt = build_window(turns, budget, backend.eos_token_id, self.window_step,
+                              self.prefix.anchor(key) if self.window_step > 0 else ())
+        if self.window_step > 0:
+            self.prefix.set_anchor(key, prompt, ticket)
+        return prompt
+
+    def _prefill(self, group: _Group) -> None:
+        """Run the prompt's new tokens alone, pick each candidate's first token; the rows join
+        the batch at the next regroup unless they are already finished."""
+        model, device, prompt = self.backend.model, self.backend.device, group.prompt
+        reuse, past = self.prefix.lookup(group.job.request.channel_key, prompt)
+        cache = BatchCache.from_rows([past], [reuse], len(prompt) - reuse) if past else None
+        new = torch.tensor([prompt[reuse:]], dtype=torch.long, device=device)
+        out = model(input_ids=new, past_key_values=cache, use_cache=True,
+                    attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
+                    position_ids=torch.arange(reuse, len(prompt), device=device).unsqueeze(0),
+                    logits_to_keep=1)
+        self.stats.prefill_tokens += len(prompt) - reuse
+        self.stats.reused_tokens += reuse
+        kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        scores = out.logits[:, -1, :].float()
+        group.left = self.judge.count(group.settings)
+        for _ in range(group.left):
+            row = _Row(group, processors_for(group.settings), tokens=list(prompt),
+                       kv_len=len(prompt), kv=kv)
+            self._advance(row, scores)
+            if row.done:
+                self._finish(row, kv)
+            else:
+                self._joining.append(row)
+
+    def _regroup(self) -> None:
+        """Drop finished and abandoned rows, add prefilled ones: rebuild the batch cache."""
+        for row in self._rows + self._joining:
+            if row.job.cancel.is_set() or row.job.future.done():
+                row.done = True
+        if not self._joining and all(not r.done for r in self._rows):
+            return
+        kept = [(i, r) for i, r in enumerate(self._rows) if not r.done]
+        joining = [r for r in self._joining if not r.done]
+        self._joining = []
+        parts = [self._batch.row(i, r.kv_len) for i, r in kept] + [r.kv for r in joining]
+        self._rows = [r for _, r in kept] + joining
+        for row in joining:
+            row.kv = None
+        if not self._rows:
+            self._batch = None
+            return
+        headroom = max(r.settings.max_new_tokens - len(r.generated) for r in self._rows)
+        self._batch = BatchCache.from_rows(parts, [r.kv_len for r in self._rows], headroom)
+        self.stats.max_batch = max(self.stats.max_batch, len(self._rows))
+
+    def _step(self) -> None:
+        """One decode step for every row; finished rows are answered at once."""
+        rows, batch, device = self._rows, self._batch, self.backend.device
+        try:
+            out = self.backend.model(
+                input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=device),
+                position_ids=torch.tensor([[r.kv_len] for r in rows], device=device),
+                attention_mask=batch.step_mask(), past_key_values=batch, use_cache=True)
+            logits = out.logits[:, -1, :].float()
+            greedy = logits.argmax(-1).tolist()
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += len(rows)
+            for i, row in enumerate(rows):
+                row.kv_len += 1
+                if row.processors or row.settings.do_sample:
+                    self._advance(row, logits[i:i + 1])
+                else:
+                    self._take_token(row, greedy[i])
+                if row.done:
+                    self._finish(row, batch.row(i, row.kv_len))
+        except Exception as exc:  # noqa: BLE001 - the batch is lost; every row is told
+            log.exception("decode step failed for %d rows", len(rows))
+            self._fail_all(GenerationError(str(exc) or type(exc).__name__))
+
+    def _advance(self, row: _Row, scores: torch.Tensor) -> None:
+        if row.processors:
+            ids = torch.tensor([row.tokens], dtype=torch.long, device=scores.device)
+            scores = row.processors(ids, scores)
+        if row.settings.do_sample:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
+        else:
+            token = int(scores.argmax(-1)[0])
+        self._take_token(row, token)
+
+    def _take_token(self, row: _Row, token: int) -> None:
+        if token == self.backend.eos_token_id:
+            row.done = True
+            return
+        row.generated.append(token)
+        row.tokens.append(token)
+        if len(row.generated) >= row.settings.max_new_tokens:
+            row.done = True
+
+    def _finish(self, row: _Row, kv: KV) -> None:
+        """Keep the channel's cache (first candidate done); when the group is complete, judge."""
+        row.done = True
+        group = row.group
+        if not group.results:
+            self.prefix.store(group.job.request.channel_key, row.tokens[:row.kv_len], kv,
+                              group.ticket)
+        group.results.append(row.generated)
+        group.left -= 1
+        if group.left == 0:
+            self._judge(group)
+
+    def _judge(self, group: _Group) -> None:
+        """`GenerationWorker.produce`'s rules: empty, repeated and (filter on) blocked
+        candidates are dropped; none left -> one more attempt with sampling, then the neutral
+        or fallback line; several -> the rankers pick (without rankers: the first)."""
+        job, judge = group.job, self.judge
+        kept: list[tuple[list[int], str]] = []
+        seen: set[str] = set()
+        blocked = 0
+        for ids in group.results:
+            text = self.backend.decode(ids).strip()
+            if not text or text in seen or is_repeat(text, group.earlier):
+                continue
+            seen.add(text)
+            if judge.blocklist is not None and judge.blocklist.blocks(text):
+                blocked += 1
+                continue
+            kept.append((ids, text))
+        cancelled = job.cancel.is_set() or job.future.done()
+        if not kept and not group.retried and not cancelled:
+            retry = replace(group.settings, do_sample=True)
+            self._prefill(_Group(job, group.prompt, retry, group.ticket, True, group.earlier, 0))
+            return
+        if not kept:
+            text = judge.rules.neutral_reply if blocked else self.fallback_reply
+            result = Generated(text, (), len(group.prompt), fallback=True)
+        else:
+            best = 0
+            if judge.rankers is not None and len(kept) > 1 and not cancelled:
+                best = judge.rankers.best(group.prompt, [ids for ids, _ in kept])
+            ids, text = kept[best]
+            result = Generated(text, tuple(ids), len(group.prompt))
+        _resolve(job.loop, job.future, result=result)
+
+    def _fail_all(self, exc: GenerationError) -> None:
+        for row in self._rows + self._joining:
+            if not row.done:
+                _resolve(row.job.loop, row.job.future, exc=exc)
+        self._rows, self._joining, self._batch = [], [], None
+        if self._stopping:
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    _resolve(job.loop, job.future, exc=exc)
+
+
+class BatchingGenerator:
+    """The `Generator` seam over a transformers backend, with continuous batching and
+    per-channel KV cache reuse.
+
+        BatchingGenerator(TransformersBackend(model_dir), queue_size=64, timeout=120,
+                          max_batch_size=16, max_wait_ms=2, kv_cache_mb=512, window_step=256)
+
+    The backend must expose, once loaded, `model` (a transformers causal LM taking
+    `past_key_values`, `attention_mask`, `position_ids`), `device`, `encode`, `decode`,
+    `eos_token_id` and `n_positions`. `kv_cache_mb=0` turns cache reuse off; `window_step=0`
+    builds prompts exactly as `LocalGenerator` does. `rules` and `rankers` are
+    `LocalGenerator`'s (candidates per request become rows of the batch). `worker.stats`
+    counts the work done.
+    """
+
+    def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
+                 fallback_reply: str = "I'm not sure what to say to that.",
+                 max_batch_size: int = 16, max_wait_ms: float = 2.0, kv_cache_mb: float = 512,
+                 window_step: int = 256, rules: ReplyRules | None = None,
+                 rankers: "Ensemble | None" = None):
+        self.worker = BatchWorker(backend, fallback_reply, max_batch_size=max_batch_size,
+                                  max_wait=max_wait_ms / 1000,
+                                  cache_bytes=int(kv_cache_mb * 2**20),
+                                  window_step=window_step, rules=rules, rankers=rankers)
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self._waiting = 0
+
+    @property
+    def backend(self) -> Backend:
+        return self.worker.backend
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def start(self) -> None:
+        await self.worker.start(asyncio.get_running_loop())
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.worker.stop, 30.0)
+
+    def forget_channel(self, channel_key: str) -> None:
+        """Drop the channel's cached keys/values and window anchor."""
+        self.worker.prefix.forget(channel_key)
+
+    async def reply(self, request: GenerationRequest) -> Generated:
+        if self._waiting >= self.queue_size:
+            raise BusyError(f"generation queue full ({self.queue_size})")
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop.create_future(), loop)
+        self._waiting += 1
+        try:
+            self.worker.jobs.put(job)
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)
+        except TimeoutError:
+            raise GenerationTimeout(f"no reply within {self.timeout:g}s") from None
+        finally:
+            job.cancel.set()  # leaves the batch at the next step if still running
+            self._waiting -= 1
