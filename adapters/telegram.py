@@ -177,7 +177,9 @@ class TelegramAdapter:
     name = PLATFORM
     max_message_length = MAX_LENGTH
     rate_limited = True
-    outbound_rate = None  # AIORateLimiter paces every request
+    # AIORateLimiter paces 30 msg/s overall and 20 msg/min per group and waits out 429s;
+    # it has no per-chat pacing, so the core paces replies to 1 per second per chat.
+    outbound_rate = (1, 1.0)
 
     def __init__(self, config: Config):
         self.config = config
