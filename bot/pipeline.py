@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from bot.commands import Commands, parse_command
@@ -18,6 +19,8 @@ from bot.errors import BotError, BusyError, GenerationTimeout
 from bot.events import (GenerationRequest, Incoming, Reply, ReplyKind, Role, Turn, TurnState,
                         utcnow)
 from bot.limits import NoticeOnce
+from bot.logs import log_context
+from bot.metrics import Metrics
 from bot.ports import Adapter, ChannelLock, Generator, Limiter, Store
 from bot.text import clean_incoming
 
@@ -33,8 +36,9 @@ SLOW = "Sorry, that took me too long. Please try again."
 
 class Pipeline:
     def __init__(self, config: Config, store: Store, generator: Generator, limiter: Limiter,
-                 lock: ChannelLock):
+                 lock: ChannelLock, metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.store = store
         self.generator = generator
         self.limiter = limiter
@@ -92,18 +96,20 @@ class Pipeline:
         return len(newest)
 
     async def _guarded(self, coro, event: Incoming) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await self.on_error(event, exc)
+        with log_context(event.platform, event.channel):  # on every log line of this event
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self.on_error(event, exc)
 
     async def process(self, event: Incoming) -> None:
         """Handle one event; any error goes to `on_error`, never to the caller."""
         await self._guarded(self.handle(event), event)
 
     async def on_error(self, event: Incoming, exc: BaseException) -> None:
+        self.metrics.error(type(exc).__name__ if isinstance(exc, BotError) else "unexpected")
         if isinstance(exc, BotError):
             log.error("%s/%s: %s: %s", event.platform, event.channel, type(exc).__name__, exc)
         else:
@@ -127,7 +133,9 @@ class Pipeline:
     # --- one message ----------------------------------------------------------------------
     async def handle(self, event: Incoming) -> None:
         adapter = self.adapters[event.platform]
+        self.metrics.received(event.platform)
         if not (event.is_direct or event.is_to_me):
+            self.metrics.ignored(event.platform)
             return
         event = event.with_text(clean_incoming(event.text))
         if adapter.rate_limited and not await self._admit(event):
@@ -149,13 +157,17 @@ class Pipeline:
 
     async def _admit(self, event: Incoming) -> bool:
         cfg = self.config
-        if (await self.limiter.admit(event.user_key, cfg.user_rate, cfg.user_period)
-                and await self.limiter.admit(event.channel_key, cfg.channel_rate,
-                                             cfg.channel_period)):
+        user_ok = await self.limiter.admit(event.user_key, cfg.user_rate, cfg.user_period)
+        if user_ok and await self.limiter.admit(event.channel_key, cfg.channel_rate,
+                                                cfg.channel_period):
             self._noticed.clear(event.user_key)
             return True
         log.info("%s/%s: rate limited %s", event.platform, event.channel, event.author_id)
-        if self._noticed.should_notify(event.user_key):
+        self.metrics.refused(event.platform, "rate_limited")
+        self.metrics.rate_limited(event.platform, "channel" if user_ok else "user")
+        # told once per episode, and (shared limiter) once across instances per period
+        if (self._noticed.should_notify(event.user_key)
+                and await self.limiter.admit(f"notice:{event.user_key}", 1, cfg.user_period)):
             await self.send(Reply.to(event, LIMITED, ReplyKind.NOTICE, private=True))
         return False
 
@@ -174,6 +186,7 @@ class Pipeline:
             try:
                 text, token_ids = await self._generate(event)
             except BusyError:
+                self.metrics.refused(event.platform, "busy")
                 await self.store.mark(answers, TurnState.SKIPPED.value)
                 await self.send(Reply.to(event, BUSY, ReplyKind.NOTICE))
                 return
@@ -184,6 +197,7 @@ class Pipeline:
                               token_ids=token_ids, in_reply_to=answers[-1])
             await self.store.add_reply(reply_turn, answers)
             await self.send(Reply.to(event, text))
+            self.metrics.answered(event.platform)
 
     async def _generate(self, event: Incoming) -> tuple[str, tuple[int, ...] | None]:
         overrides = await self.store.get_settings(event.platform, event.channel)
@@ -192,7 +206,9 @@ class Pipeline:
         request = GenerationRequest(event.channel_key, tuple(history),
                                     self.commands.effective(overrides))
         async with self.adapters[event.platform].typing(event):
+            start = time.perf_counter()
             generated = await self.generator.reply(request)
+        self.metrics.generated(time.perf_counter() - start, len(generated.token_ids))
         return generated.text, (generated.token_ids or None)
 
     # --- outbound ---------------------------------------------------------------------------

@@ -61,6 +61,13 @@ class RemoteBackend:
         log.info("remote generator %s (model %s), tokenizer %s, %d positions",
                  self.url, self.model, self.tokenizer_id, self.n_positions)
 
+    def ping(self) -> bool:
+        """The server answers its model list (readiness; any thread, blocking up to 2 s)."""
+        if self.client is None:
+            return False
+        self.client.with_options(timeout=2.0, max_retries=0).models.list()
+        return True
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text) if text else []
 

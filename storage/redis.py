@@ -73,7 +73,8 @@ class RedisLimiter:
         await self.state.ping()
 
     async def stop(self) -> None:
-        return None  # the pool belongs to RedisState
+        """Closes the shared pool: stop the limiter last (after every lock holder)."""
+        await self.state.close()
 
     async def admit(self, key: str, rate: float, period: float) -> bool:
         return await self._limiter.hit(_item(rate, period), key)
