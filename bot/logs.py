@@ -109,8 +109,8 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = (),
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "discord.gateway", "aiosqlite", "telegram.ext.Updater",
-                  "alembic"):
+    for noisy in ("httpx", "httpx2", "httpcore", "discord.gateway", "aiosqlite",
+                  "telegram.ext.Updater", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.captureWarnings(True)
     return redactor
