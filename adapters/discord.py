@@ -225,6 +225,12 @@ class DiscordAdapter:
         self._progress: OrderedDict[Reply, int] = OrderedDict()  # parts sent before a failure
 
     @property
+    def connected(self) -> bool:
+        """For /readyz: logged in, READY and not closed."""
+        client = self._client
+        return client is not None and client.is_ready() and not client.is_closed()
+
+    @property
     def client(self) -> discord.Client:
         if self._client is None:
             raise PlatformError("the Discord adapter is not started")

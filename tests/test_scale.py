@@ -300,3 +300,41 @@ def test_instances_migrating_an_empty_database_at_once_all_start(tmp_path):
             assert {"turns", "channel_settings", "alembic_version"} <= tables
 
     asyncio.run(go())
+
+
+async def test_discord_instances_each_run_their_subset_of_shards(make_config, monkeypatch):
+    """Two instances, shard ids 0 and 1 of 2: each identifies only its own shard, and a
+    message in the free-talk channel is answered once, by the instance owning its guild."""
+    import discord
+    import yarl
+
+    from adapters.discord import DiscordAdapter
+    from bot.app import build_app
+    from tests.fake_discord import FakeDiscord
+    from tests.test_discord_adapter import FAST, TOKEN as DISCORD_TOKEN
+
+    fake = await FakeDiscord(DISCORD_TOKEN).start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(fake.ws_url))
+    apps = []
+    try:
+        for shard in (0, 1):
+            config = make_config(discord_token=DISCORD_TOKEN, discord_channels=[fake.free],
+                                 discord_shard_ids=str(shard), discord_shard_count=2)
+            adapter = DiscordAdapter(config, client_options=FAST, ready_timeout=10)
+            app = build_app(config, adapters=[adapter])
+            await app.start()
+            apps.append(app)
+            assert [tuple(i["shard"]) for i in fake.identifies][-1] == (shard, 2)
+            assert adapter.connected
+        assert sorted(tuple(i["shard"]) for i in fake.identifies) == [(0, 2), (1, 2)]
+        await fake.send_message(fake.alice, fake.free, "hello shards")
+        await fake.wait_posts(1, channel_id=fake.free)
+        await asyncio.sleep(0.5)
+        assert len([p for p in fake.posts if p.channel_id == fake.free]) == 1
+    finally:
+        for app in apps:
+            await app.stop()
+        await fake.stop()
+    assert not any(app.adapters[0].connected for app in apps)
