@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade "pip>=24,<26"
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,ct2]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -101,7 +101,8 @@ def prepare_model(model: Any, quantize: str, device: str) -> Any:
         replaced = conv1d_to_linear(model)
         with warnings.catch_warnings():  # torch 2.10+ flags the qint8 tensor API as deprecated
             warnings.simplefilter("ignore", UserWarning)
-            model = quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8)
+            model = quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8,
+                                     inplace=True)  # no second fp32 copy in memory
         log.info("dynamic int8 quantization: %d Conv1D layers converted to Linear", replaced)
         return model.eval()
     dtype = torch.bfloat16 if quantize == "bf16" else torch.float16

@@ -1,0 +1,516 @@
+"""Throughput and latency of the bot's generators against the model card's loop, in one run.
+
+    make bench ARGS="--quick"            # ~2 minutes on 2 cores
+    .venv/bin/python bench/bench.py --size small --runs 3 --json bench.json
+
+Model: a DialoGPT-shaped random-weight model (`tests.modelkit`, small or medium: the same
+compute as the real one) with the real GPT-2 tokenizer, built once into the cache directory.
+Its end-of-text logit is pushed down (`never_eos=True`, no change in compute), so EVERY reply
+runs to exactly 40 new tokens on every path; each measured reply is checked (40 token ids, no
+fallback) and the count of bad replies is printed with the results.
+
+Workload: requests whose prompts hold 60-200 tokens (1-3 turns of made-up text), the bot's
+default decoding settings (sampling, top-k 50, top-p 0.9, temperature 0.8, no-repeat 3-grams),
+40 new tokens. Every generator is built by `bot.app.make_generator` from a `Config` and driven
+through its async `reply()` with `GenerationRequest`s of `Turn`s, exactly as the pipeline does.
+
+Measured, each option in its own subprocess (clean peak RSS), medians over --runs:
+- baseline: the model card's loop, `model.generate` on one request after another;
+- per generator option (torch fp32 one-by-one, batching generator, torch int8, bf16 when the
+  CPU has it, CTranslate2 int8 when installed): 1, 4 and 16 channels each sending one request
+  at once: aggregate new tokens/s, p50/p95 reply latency, ratio to the baseline's tokens/s;
+- event-loop lag (a 10 ms ticker: how late each tick wakes) p50/p99/max during the 16-channel
+  run (the largest run with --quick for one-by-one generators);
+- one conversation of ~20-token user turns (the window slides after ~16 turns): reply latency
+  on turn 1 and the median over turns 26-35 (26-30 with --quick, whose turns 1-24 are
+  prefilled with made-up replies instead of generated ones), with and without KV cache reuse;
+- peak RSS of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NEW_TOKENS = 40
+CONCURRENCY = (1, 4, 16)
+EOS = 50256
+
+
+# --- the workload ---------------------------------------------------------------------------
+def make_prompts(tokenizer, count: int, seed: int) -> list[list[tuple[str, list[int] | None]]]:
+    """`count` histories of 1-3 turns totalling 60-200 tokens: (text, ids) pairs; user turns
+    carry text only (ids None), bot turns their token ids as the store keeps them."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        total = rng.randint(60, 200)
+        parts = rng.randint(1, 3)
+        sizes = [total // parts] * parts
+        turns = []
+        for index, size in enumerate(sizes):
+            ids = [rng.randrange(300, 40000) for _ in range(max(1, size - 1))]
+            bot = (parts - index) % 2 == 0  # the last turn is the user's
+            text = tokenizer.decode(ids)
+            turns.append((text, ids if bot else None))
+        out.append(turns)
+    return out
+
+
+def user_text(tokenizer, rng: random.Random, tokens: int = 20) -> str:
+    return tokenizer.decode([rng.randrange(300, 40000) for _ in range(tokens)])
+
+
+def model_card_ids(tokenizer, turns) -> list[int]:
+    """The model card's prompt: each turn's ids followed by end-of-text."""
+    out: list[int] = []
+    for text, ids in turns:
+        out += (list(ids) if ids is not None else tokenizer.encode(text)) + [EOS]
+    return out
+
+
+def decoding():
+    from bot.events import DecodingSettings
+
+    return DecodingSettings(max_new_tokens=NEW_TOKENS)  # the bot's defaults otherwise
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Field-wise median of a list of flat dicts of numbers (other values from the first)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(run[key] for run in runs)
+    return out
+
+
+# --- subprocess: the model card's loop ------------------------------------------------------
+def run_baseline(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from bot.hf import TransformersBackend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    kwargs = TransformersBackend(args.model_dir).generation_kwargs(decoding())
+    config = GenerationConfig(**kwargs)
+    count = 3 if args.quick else 8
+    runs, bad = [], 0
+    for run in range(args.runs):
+        prompts = [model_card_ids(tokenizer, t) for t in make_prompts(tokenizer, count, run)]
+        latencies = []
+        with torch.inference_mode():
+            model.generate(torch.tensor([prompts[0][:20]]), generation_config=config,
+                           attention_mask=torch.ones(1, 20, dtype=torch.long))  # warm-up
+            start = time.perf_counter()
+            for ids in prompts:
+                t0 = time.perf_counter()
+                inputs = torch.tensor([ids])
+                out = model.generate(inputs, attention_mask=torch.ones_like(inputs),
+                                     generation_config=config)
+                latencies.append(time.perf_counter() - t0)
+                bad += out.shape[1] - len(ids) != NEW_TOKENS
+            wall = time.perf_counter() - start
+        runs.append(dict(replies=count, tokens_per_s=count * NEW_TOKENS / wall,
+                         p50_s=pct(latencies, 50), p95_s=pct(latencies, 95),
+                         prompt_min=min(map(len, prompts)), prompt_max=max(map(len, prompts))))
+    return dict(median_of(runs), bad_replies=bad)
+
+
+# --- subprocess: one generator option -------------------------------------------------------
+OPTIONS = {  # name -> Config overrides
+    "torch-fp32": dict(generator_backend="torch", quantize="none", batching=False),
+    "torch-fp32-batching": dict(generator_backend="torch", quantize="none", batching=True),
+    "torch-int8": dict(generator_backend="torch", quantize="int8", batching=False),
+    "torch-int8-batching": dict(generator_backend="torch", quantize="int8", batching=True),
+    "torch-bf16": dict(generator_backend="torch", quantize="bf16", batching=False),
+    "ct2-int8": dict(generator_backend="ct2", quantize="int8", batching=False),
+}
+
+
+def available_options() -> tuple[list[str], dict[str, str]]:
+    """(options to run, skipped option -> reason)."""
+    import importlib.util
+
+    from bot.config import Config
+    from bot.quant import cpu_supports_bf16
+
+    skipped = {}
+    batching = "batching" in Config.model_fields and \
+        importlib.util.find_spec("bot.batching") is not None
+    if not batching:
+        skipped["torch-fp32-batching"] = skipped["torch-int8-batching"] = "no bot.batching"
+    if not cpu_supports_bf16():
+        skipped["torch-bf16"] = "CPU has no native bf16"
+    if importlib.util.find_spec("ctranslate2") is None:
+        skipped["ct2-int8"] = "ctranslate2 not installed (pip install '.[ct2]')"
+    return [name for name in OPTIONS if name not in skipped], skipped
+
+
+def make_config(args, **overrides):
+    from bot.config import load_config
+
+    for key in [k for k in os.environ if k.startswith("DIALOGBOT_")]:
+        del os.environ[key]
+    values = dict(model=args.model_dir, torch_threads=args.threads, queue_size=1000,
+                  generation_timeout=3600, max_new_tokens=NEW_TOKENS, _env_file=None)
+    values.update(overrides)
+    return load_config(**values)
+
+
+class LagProbe:
+    """A 10 ms ticker on the event loop; records how late each tick wakes up."""
+
+    def __init__(self, period: float = 0.010):
+        self.period = period
+        self.lags: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.period)
+            self.lags.append(max(0.0, time.perf_counter() - t0 - self.period))
+
+    def __enter__(self) -> "LagProbe":
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._task.cancel()
+
+    def summary(self) -> dict:
+        ms = [lag * 1000 for lag in self.lags]
+        return dict(lag_p50_ms=pct(ms, 50), lag_p99_ms=pct(ms, 99),
+                    lag_max_ms=max(ms, default=float("nan")), lag_ticks=len(ms))
+
+
+def request_for(channel: str, turns, settings):
+    from bot.events import GenerationRequest, Role, Turn
+
+    out = []
+    for text, ids in turns:
+        role = Role.BOT if ids is not None else Role.USER
+        out.append(Turn("bench", channel, role, text,
+                        token_ids=tuple(ids) if ids is not None else None))
+    return GenerationRequest(f"bench:{channel}", tuple(out), settings)
+
+
+class Checker:
+    def __init__(self):
+        self.bad = 0
+        self.replies = 0
+
+    def check(self, generated) -> None:
+        self.replies += 1
+        if generated.fallback or len(generated.token_ids) != NEW_TOKENS:
+            self.bad += 1
+
+
+async def concurrency_run(generator, tokenizer, level: int, seed: int, checker: Checker,
+                          tag: str) -> dict:
+    settings = decoding()
+    histories = make_prompts(tokenizer, level, 1000 * level + seed)
+
+    async def one(index: int, turns) -> float:
+        t0 = time.perf_counter()
+        generated = await generator.reply(request_for(f"{tag}-{level}-{seed}-{index}", turns,
+                                                      settings))
+        checker.check(generated)
+        return time.perf_counter() - t0
+
+    with LagProbe() as probe:
+        start = time.perf_counter()
+        latencies = await asyncio.gather(*(one(i, h) for i, h in enumerate(histories)))
+        wall = time.perf_counter() - start
+    return dict(replies=level, tokens_per_s=level * NEW_TOKENS / wall,
+                p50_s=pct(latencies, 50), p95_s=pct(latencies, 95), **probe.summary())
+
+
+async def conversation(generator, tokenizer, args, seed: int, checker: Checker) -> dict:
+    """Turn 1's latency and the median over turns 26-35 (26-30 with --quick, where turns
+    1-24 hold made-up replies of 40 tokens instead of generated ones; turn 25 is generated
+    unmeasured, so turn 26 finds what a long conversation leaves behind)."""
+    from bot.events import GenerationRequest, Role, Turn
+
+    settings, rng = decoding(), random.Random(seed)
+    key = f"bench:conv-{seed}"
+    last = 30 if args.quick else 35
+
+    def user() -> Turn:
+        return Turn("bench", key, Role.USER, user_text(tokenizer, rng))
+
+    async def timed(channel_key: str, turns: list[Turn]):
+        t0 = time.perf_counter()
+        generated = await generator.reply(GenerationRequest(channel_key, tuple(turns),
+                                                            settings))
+        checker.check(generated)
+        return time.perf_counter() - t0, generated
+
+    history: list[Turn] = []
+    latencies: dict[int, float] = {}
+    first = 1
+    if args.quick:
+        latencies[1], _ = await timed(key + "-first", [user()])
+        for _ in range(24):
+            ids = tuple(rng.randrange(300, 40000) for _ in range(NEW_TOKENS))
+            history += [user(), Turn("bench", key, Role.BOT, tokenizer.decode(ids),
+                                     token_ids=ids)]
+        first = 25
+    for number in range(first, last + 1):
+        history.append(user())
+        latencies[number], generated = await timed(key, history[-64:])  # history_turns
+        history.append(Turn("bench", key, Role.BOT, generated.text,
+                            token_ids=generated.token_ids))
+    late = statistics.median(latencies[n] for n in range(26, last + 1))
+    return dict(turn1_s=latencies[1], late_median_s=late, late_over_turn1=late / latencies[1],
+                late_turns=f"26-{last}", last_prompt_tokens=generated.prompt_tokens)
+
+
+async def run_option(args) -> dict:
+    from bot.app import make_generator
+
+    overrides = dict(OPTIONS.get(args.worker.removesuffix("-nocache"), {}))
+    if args.worker.endswith("-nocache"):
+        overrides["kv_cache_mb"] = 0
+    config = make_config(args, **overrides)
+    generator = make_generator(config)
+    t0 = time.perf_counter()
+    await generator.start()
+    load_s = time.perf_counter() - t0
+    tokenizer = generator.backend.tokenizer
+    checker = Checker()
+    result: dict = dict(generator=type(generator).__name__, load_s=load_s)
+    try:
+        warm = request_for("warm-up", [("hello there", None)], decoding())
+        await generator.reply(warm)
+        if args.mode in ("all", "throughput"):
+            levels = CONCURRENCY
+            if args.quick and type(generator).__name__ != "BatchingGenerator":
+                levels = (1, 4)  # one by one: 16 channels only queue 4x longer
+            for level in levels:
+                runs = [await concurrency_run(generator, tokenizer, level, run, checker,
+                                              args.worker) for run in range(args.runs)]
+                result[f"c{level}"] = median_of(runs)
+        if args.mode in ("all", "conversation"):
+            runs = [await conversation(generator, tokenizer, args, run, checker)
+                    for run in range(args.runs)]
+            result["conversation"] = median_of(runs)
+        stats = getattr(getattr(generator, "worker", None), "stats", None)
+        if stats is not None and hasattr(stats, "reused_tokens"):
+            result["reused_tokens"] = stats.reused_tokens
+            result["prefill_tokens"] = stats.prefill_tokens
+    finally:
+        await generator.stop()
+    result.update(replies_checked=checker.replies, bad_replies=checker.bad)
+    return result
+
+
+# --- the orchestrator -----------------------------------------------------------------------
+def model_dir(size: str, cache: Path) -> Path:
+    from tests.modelkit import make_model_dir
+
+    folder = cache / f"dialogpt-{size}-never-eos"
+    if not (folder / "config.json").exists():
+        print(f"building a random-weight DialoGPT-{size}-shaped model in {folder} ...",
+              flush=True)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        make_model_dir(tmp, size, never_eos=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+def subprocess_run(args, worker: str, mode: str = "all") -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
+               "--mode", mode, "--model-dir", str(args.model_dir), "--runs", str(args.runs),
+               "--out", str(out)]
+    command += ["--quick"] if args.quick else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-6:])
+        print(f"  {worker}: FAILED (exit {done.returncode})\n{tail}", flush=True)
+        return dict(error=tail)
+    result = json.loads(out.read_text())
+    out.unlink()
+    print(f"  {worker} ({mode}): {time.perf_counter() - t0:.0f} s", flush=True)
+    return result
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                torch=torch.__version__, torch_threads=torch.get_num_threads())
+    try:
+        import ctranslate2
+
+        info["ctranslate2"] = ctranslate2.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(report: dict) -> str:
+    base = report["baseline"].get("tokens_per_s")
+    lines = [f"DialoGPT-{report['size']} shape, {NEW_TOKENS} new tokens, prompts "
+             f"{report['baseline'].get('prompt_min')}-{report['baseline'].get('prompt_max')} "
+             f"tokens, {report['machine']['cores']} cores ({report['machine']['cpu']}), "
+             f"median of {report['runs']} run(s){', --quick' if report['quick'] else ''}", ""]
+    head = ("| option | channels | tokens/s | x baseline | p50 s | p95 s | loop lag p50/p99/max"
+            " ms | peak RSS MB |")
+    lines += [head, "|" + "---|" * 8]
+    lines.append(f"| model-card loop (sequential generate) | 1 | {fmt(base, '.1f')} | 1.00 | "
+                 f"{fmt(report['baseline'].get('p50_s'))} | "
+                 f"{fmt(report['baseline'].get('p95_s'))} | - | "
+                 f"{fmt(report['baseline'].get('peak_rss_mb'), '.0f')} |")
+    for name, result in report["options"].items():
+        if "error" in result:
+            lines.append(f"| {name} | failed | | | | | | |")
+            continue
+        for level in CONCURRENCY:
+            row = result.get(f"c{level}")
+            if row is None:
+                continue
+            lag = (f"{row['lag_p50_ms']:.1f}/{row['lag_p99_ms']:.1f}/{row['lag_max_ms']:.1f}"
+                   if level == max(c for c in CONCURRENCY if f"c{c}" in result) else "")
+            ratio = row["tokens_per_s"] / base if base else None
+            lines.append(f"| {name} | {level} | {row['tokens_per_s']:.1f} | {fmt(ratio)} | "
+                         f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {lag} | "
+                         f"{fmt(result.get('peak_rss_mb'), '.0f') if level == 1 else ''} |")
+    for name, why in report["skipped"].items():
+        lines.append(f"| {name} | skipped: {why} | | | | | | |")
+    lines += ["", "| conversation | turn 1 s | median turns " + "26-30" * report["quick"] +
+              "26-35" * (not report["quick"]) + " s | ratio | prompt tokens at the end |",
+              "|---|---|---|---|---|"]
+    for name, result in report["conversations"].items():
+        conv = result.get("conversation")
+        if conv:
+            lines.append(f"| {name} | {conv['turn1_s']:.2f} | {conv['late_median_s']:.2f} | "
+                         f"{conv['late_over_turn1']:.2f} | {conv['last_prompt_tokens']} |")
+        else:
+            lines.append(f"| {name} | failed | | | |")
+    bad = report["baseline"].get("bad_replies", 0) + sum(
+        r.get("bad_replies", 0) for r in [*report["options"].values(),
+                                          *report["conversations"].values()])
+    checked = sum(r.get("replies_checked", 0) for r in [*report["options"].values(),
+                                                         *report["conversations"].values()])
+    lines += ["", f"replies checked: {checked}, not exactly {NEW_TOKENS} tokens: {bad}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=("small", "medium", "tiny"), default="small",
+                        help="model shape (tiny: only to check that the script runs)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer requests; one-by-one generators skip 16 channels")
+    parser.add_argument("--threads", type=int, help="torch / CTranslate2 intra-op threads")
+    parser.add_argument("--only", help="comma-separated option names to run")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "dialogbot-bench")
+    # internal: one measurement in a subprocess
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick and "--runs" not in sys.argv:
+        args.runs = 1
+
+    if args.worker:  # inside a subprocess
+        if args.worker == "baseline":
+            result = run_baseline(args)
+        else:
+            result = asyncio.run(run_option(args))
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        args.out.write_text(json.dumps(result))
+        return 0
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HOME"] = str(args.cache / "hf")  # CTranslate2 conversions land here
+    args.model_dir = str(model_dir(args.size, args.cache))
+    names, skipped = available_options()
+    if args.only:
+        wanted = set(args.only.split(","))
+        names = [n for n in names if n in wanted]
+    started = time.perf_counter()
+    print(f"bench: DialoGPT-{args.size} shape, runs={args.runs}, quick={args.quick}",
+          flush=True)
+    report = dict(size=args.size, runs=args.runs, quick=args.quick, new_tokens=NEW_TOKENS,
+                  machine=machine(), skipped=skipped, options={}, conversations={})
+    if "ct2-int8" in names:  # convert once here, so no measured process pays for it
+        from bot.ct2 import ensure_converted
+
+        ensure_converted(args.model_dir)
+    report["baseline"] = subprocess_run(args, "baseline")
+    for name in names:
+        report["options"][name] = subprocess_run(args, name, "throughput")
+    labels = {"torch-fp32": "torch-fp32 (one by one, no cache)",
+              "torch-fp32-batching": "torch-fp32-batching (KV cache reuse)",
+              "torch-fp32-batching-nocache": "torch-fp32-batching, kv_cache_mb=0"}
+    conversations = [n for n in ("torch-fp32", "torch-fp32-batching") if n in names]
+    if "torch-fp32-batching" in conversations:
+        conversations.append("torch-fp32-batching-nocache")
+        if args.quick and len(conversations) == 3:
+            conversations.remove("torch-fp32")  # --quick: cache on/off is what matters
+    for name in conversations:
+        report["conversations"][labels[name]] = subprocess_run(args, name, "conversation")
+    report["seconds"] = time.perf_counter() - started
+    print()
+    print(table(report))
+    print(f"\nbench took {report['seconds']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"JSON written to {args.json}")
+    else:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
