@@ -29,6 +29,7 @@ BACKENDS = [  # the model backends, one request at a time (LocalGenerator)
 GENERATORS = BACKENDS + [  # and the torch precisions under the batching generator
     pytest.param(dict(quantize="none", batching=True), id="torch-fp32-batching"),
     pytest.param(dict(quantize="int8", batching=True), id="torch-int8-batching"),
+    pytest.param(dict(quantize="bf16", batching=True), id="torch-bf16-batching", marks=no_bf16),
 ]
 
 
@@ -71,6 +72,8 @@ async def test_backend_answers_through_the_pipeline_with_settings_honoured(
     config = backend_config(max_new_tokens=9, **options)
     platform, turns, generator = await run_bot(
         config, [("1", "hello there"), ("2", "hello there"), ("1", "how are you?")])
+    batched = options.get("batching", True) and options.get("generator_backend") != "ct2"
+    assert type(generator).__name__ == ("BatchingGenerator" if batched else "LocalGenerator")
     assert len(platform.sent) == 3
     assert all(r.text.strip() and r.text == r.text.strip() for r in platform.sent)
     bots = [t for t in turns["1"] + turns["2"] if t.role is Role.BOT]
