@@ -114,18 +114,29 @@ class RedisChannelLock:
         async with self._local.hold(key):
             lock = self.state.client.lock(self.key(key), timeout=self.lease, sleep=self.poll)
             await lock.acquire()
-            keeper = asyncio.create_task(self._renew(lock, key), name=f"lease-{key}")
+            log.debug("lock %s acquired", key)
+            done = asyncio.Event()
+            keeper = asyncio.create_task(self._renew(lock, key, done), name=f"lease-{key}")
             try:
                 yield
             finally:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+                # stopped by an event, not cancelled: a redis command cut off by cancellation
+                # can swallow it, and the keeper would renew a finished holder's lease forever
+                done.set()
+                try:
+                    await asyncio.wait_for(keeper, self.lease)
+                except TimeoutError:
+                    log.warning("lease keeper for %s did not stop", key)
                 await self._release(lock, key)
+                log.debug("lock %s released", key)
 
-    async def _renew(self, lock, key: str) -> None:  # noqa: ANN001 - redis.asyncio.lock.Lock
+    async def _renew(self, lock, key: str, done: asyncio.Event) -> None:  # noqa: ANN001
+        """Every lease/3 seconds until `done`: reset the lease (redis-py `reacquire`)."""
         while True:
-            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.lease / 3)
+            if done.is_set():
+                return
             try:
                 await lock.reacquire()
             except LockError:

@@ -141,7 +141,7 @@ class Cluster:
         conn = await asyncpg.connect(dsn)
         try:
             return [tuple(r) for r in await conn.fetch(
-                "SELECT id, role, state, message_id, text FROM turns WHERE platform = "
+                "SELECT id, role, state, message_id, text, in_reply_to FROM turns WHERE platform = "
                 "'telegram' AND channel = $1 ORDER BY id", str(chat_id))]
         finally:
             await conn.close()
@@ -155,7 +155,19 @@ class Cluster:
             if len(mine) >= users and all(r[2] != "pending" for r in mine):
                 return rows
             await asyncio.sleep(0.2)
-        raise AssertionError(f"chat {chat_id} never settled: {await self.turns(chat_id)}")
+        raise AssertionError(f"chat {chat_id} never settled: {await self.turns(chat_id)}; "
+                             f"redis: {await self.redis_keys()}")
+
+    async def redis_keys(self) -> dict[str, int]:
+        """This test's Redis keys and their remaining lifetimes (ms), for failure messages."""
+        from redis import asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            return {k.decode(): await client.pttl(k)
+                    async for k in client.scan_iter(match=f"{self.prefix}*")}
+        finally:
+            await client.aclose()
 
     async def stop(self) -> None:
         for instance in self.instances:
