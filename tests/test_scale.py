@@ -350,3 +350,21 @@ async def test_discord_instances_each_run_their_subset_of_shards(make_config, mo
             await app.stop()
         await fake.stop()
     assert not any(app.adapters[0].connected for app in apps)
+
+
+def test_scale_settings_are_checked_with_one_line_each(make_config):
+    from bot.config import load_config
+    from bot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DIALOGBOT_GENERATOR_URL: required"):
+        load_config(generator_backend="openai")
+    with pytest.raises(ConfigError, match="DIALOGBOT_DISCORD_SHARD_COUNT"):
+        load_config(discord_shard_ids="0,1")
+    with pytest.raises(ConfigError, match="below it"):
+        load_config(discord_shard_ids="0,4", discord_shard_count=4)
+    config = make_config(redis_url="redis://:redis-pass-123@cache:6379/0",
+                         generator_backend="openai", generator_url="http://u:gen-pass-456@vllm/v1",
+                         generator_api_key="sk-key-7890123", discord_shard_ids="2,3",
+                         discord_shard_count=4, log_format="JSON")
+    assert config.discord_shard_ids == [2, 3] and config.log_format == "json"
+    assert {"redis-pass-123", "gen-pass-456", "sk-key-7890123"} <= set(config.secrets())
