@@ -127,8 +127,9 @@ def run_baseline(args) -> dict:
         prompts = [model_card_ids(tokenizer, t) for t in make_prompts(tokenizer, count, run)]
         latencies = []
         with torch.inference_mode():
-            model.generate(torch.tensor([prompts[0][:20]]), generation_config=config,
-                           attention_mask=torch.ones(1, 20, dtype=torch.long))  # warm-up
+            for ids in [model_card_ids(tokenizer, t) for t in make_prompts(tokenizer, 2, -1)]:
+                model.generate(torch.tensor([ids]), generation_config=config,  # warm-up
+                               attention_mask=torch.ones(1, len(ids), dtype=torch.long))
             start = time.perf_counter()
             for ids in prompts:
                 t0 = time.perf_counter()
@@ -309,8 +310,8 @@ async def run_option(args) -> dict:
     checker = Checker()
     result: dict = dict(generator=type(generator).__name__, load_s=load_s)
     try:
-        warm = request_for("warm-up", [("hello there", None)], decoding())
-        await generator.reply(warm)
+        for index, turns in enumerate(make_prompts(tokenizer, 2, -1)):  # warm-up, unmeasured
+            await generator.reply(request_for(f"warm-up-{index}", turns, decoding()))
         if args.mode in ("all", "throughput"):
             levels = CONCURRENCY
             if args.quick and type(generator).__name__ != "BatchingGenerator":
@@ -432,11 +433,11 @@ def table(report: dict) -> str:
                          f"{conv['late_over_turn1']:.2f} | {conv['last_prompt_tokens']} |")
         else:
             lines.append(f"| {name} | failed | | | |")
-    bad = report["baseline"].get("bad_replies", 0) + sum(
-        r.get("bad_replies", 0) for r in [*report["options"].values(),
-                                          *report["conversations"].values()])
-    checked = sum(r.get("replies_checked", 0) for r in [*report["options"].values(),
-                                                         *report["conversations"].values()])
+    results = {id(r): r for r in [*report["options"].values(),
+                                  *report["conversations"].values()]}.values()
+    bad = report["baseline"].get("bad_replies", 0) + sum(r.get("bad_replies", 0)
+                                                         for r in results)
+    checked = sum(r.get("replies_checked", 0) for r in results)
     lines += ["", f"replies checked: {checked}, not exactly {NEW_TOKENS} tokens: {bad}"]
     return "\n".join(lines)
 
@@ -488,18 +489,22 @@ def main() -> int:
 
         ensure_converted(args.model_dir)
     report["baseline"] = subprocess_run(args, "baseline")
-    for name in names:
-        report["options"][name] = subprocess_run(args, name, "throughput")
     labels = {"torch-fp32": "torch-fp32 (one by one, no cache)",
               "torch-fp32-batching": "torch-fp32-batching (KV cache reuse)",
               "torch-fp32-batching-nocache": "torch-fp32-batching, kv_cache_mb=0"}
     conversations = [n for n in ("torch-fp32", "torch-fp32-batching") if n in names]
     if "torch-fp32-batching" in conversations:
         conversations.append("torch-fp32-batching-nocache")
-        if args.quick and len(conversations) == 3:
+        if args.quick:
             conversations.remove("torch-fp32")  # --quick: cache on/off is what matters
+    for name in names:  # an option with a conversation runs both in one process
+        mode = "all" if name in conversations else "throughput"
+        report["options"][name] = subprocess_run(args, name, mode)
+        if mode == "all":
+            report["conversations"][labels[name]] = report["options"][name]
     for name in conversations:
-        report["conversations"][labels[name]] = subprocess_run(args, name, "conversation")
+        if name not in names:
+            report["conversations"][labels[name]] = subprocess_run(args, name, "conversation")
     report["seconds"] = time.perf_counter() - started
     print()
     print(table(report))
