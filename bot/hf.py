@@ -31,10 +31,12 @@ def model_error(model_id: str, exc: BaseException) -> ConfigError:
 class TransformersBackend:
     """GPT-2 / DialoGPT through `AutoModelForCausalLM`; greedy or sampled `generate`."""
 
-    def __init__(self, model_id: str, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_id: str, *, device: str = "cpu", threads: int | None = None,
+                 quantize: str = "none"):
         self.model_id = model_id
         self.device = device
         self.threads = threads
+        self.quantize = quantize  # bot.quant.prepare_model: none | int8 | bf16 | fp16
         self.model = None
         self.tokenizer = None
         self.eos_token_id = 50256
@@ -57,9 +59,12 @@ class TransformersBackend:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.n_positions = int(getattr(model.config, "n_positions", None)
                                or model.config.max_position_embeddings)
-        self.model = model.to(self.device).eval()
-        log.info("model %s loaded: %d layers, %d positions, device %s", self.model_id,
-                 getattr(model.config, "n_layer", 0), self.n_positions, self.device)
+        from bot.quant import prepare_model
+
+        self.model = prepare_model(model.to(self.device).eval(), self.quantize, self.device)
+        log.info("model %s loaded: %d layers, %d positions, device %s, quantize %s",
+                 self.model_id, getattr(model.config, "n_layer", 0), self.n_positions,
+                 self.device, self.quantize)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text) if text else []
