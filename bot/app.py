@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 from bot.config import Config
 from bot.generator import LocalGenerator
 from bot.limits import MemoryChannelLock, MemoryLimiter
+from bot.metrics import Metrics, OpsServer, PrometheusMetrics, TimedStore, adapters_connected
 from bot.pipeline import Pipeline
-from bot.ports import Adapter, Generator, Store
+from bot.ports import Adapter, ChannelLock, Generator, Limiter, Store
 from bot.quality import ReplyRules
 
 if TYPE_CHECKING:
+    from bot.generator import Backend
     from bot.rankers import Ensemble
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,40 @@ def make_store(config: Config) -> Store:
     return SQLAlchemyStore(config.database_url)
 
 
-def make_generator(config: Config) -> Generator:
-    from bot.hf import TransformersBackend
+def make_backend(config: Config) -> "Backend":
+    """The model backend DIALOGBOT_GENERATOR_BACKEND and DIALOGBOT_QUANTIZE choose (built
+    here, loaded in the generator's worker); a combination that cannot run is a ConfigError."""
+    if config.generator_backend == "openai":
+        from bot.remote import RemoteBackend
 
-    backend = TransformersBackend(config.model, device=config.device,
-                                  threads=config.torch_threads)
+        key = config.generator_api_key
+        return RemoteBackend(config.model, config.generator_url or "",
+                             model=config.generator_model, timeout=config.generation_timeout,
+                             api_key=key.get_secret_value() if key else None)
+    if config.generator_backend == "ct2":
+        from bot.ct2 import CT2Backend
+
+        return CT2Backend(config.model, device=config.device, threads=config.torch_threads,
+                          quantize=config.quantize)
+    from bot.hf import TransformersBackend
+    from bot.quant import check_quantize
+
+    check_quantize(config.quantize, config.device)
+    return TransformersBackend(config.model, device=config.device,
+                               threads=config.torch_threads, quantize=config.quantize)
+
+
+def make_generator(config: Config) -> Generator:
+    backend = make_backend(config)
+    if config.batching and config.generator_backend == "torch":
+        from bot.batching import BatchingGenerator
+
+        return BatchingGenerator(
+            backend, queue_size=config.queue_size, timeout=config.generation_timeout,
+            fallback_reply=config.fallback_reply, max_batch_size=config.max_batch_size,
+            max_wait_ms=config.max_batch_wait_ms, kv_cache_mb=config.kv_cache_mb,
+            window_step=config.window_step, rules=reply_rules(config),
+            rankers=make_rankers(config))
     return LocalGenerator(backend, queue_size=config.queue_size,
                           timeout=config.generation_timeout,
                           fallback_reply=config.fallback_reply,
@@ -77,17 +108,22 @@ class App:
     """Starts the parts in dependency order and stops them in reverse."""
 
     def __init__(self, config: Config, store: Store, generator: Generator,
-                 adapters: Sequence[Adapter], pipeline: Pipeline):
+                 adapters: Sequence[Adapter], pipeline: Pipeline,
+                 ops: OpsServer | None = None):
         self.config = config
         self.store = store
         self.generator = generator
         self.adapters = list(adapters)
         self.pipeline = pipeline
+        self.ops = ops  # /metrics, /healthz, /readyz: up first, down last
         self._started: list = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         try:
+            if self.ops is not None and self.ops not in self._started:
+                await self.ops.start()
+                self._started.append(self.ops)
             for part in (self.store, self.pipeline.limiter, self.generator):
                 await part.start()
                 self._started.append(part)
@@ -136,11 +172,52 @@ class App:
             await self.stop()
 
 
+def make_shared_state(config: Config) -> tuple[Limiter, ChannelLock]:
+    """Redis-backed limiter and channel lock when DIALOGBOT_REDIS_URL is set (shared by every
+    instance), else the in-process ones."""
+    if not config.redis_url:
+        return MemoryLimiter(), MemoryChannelLock()
+    from storage.redis import RedisChannelLock, RedisLimiter, RedisState
+
+    state = RedisState(config.redis_url, config.redis_prefix)
+    return RedisLimiter(state), RedisChannelLock(state, lease=config.lock_lease)
+
+
 def build_app(config: Config, adapters: Sequence[Adapter] | None = None, *,
               store: Store | None = None, generator: Generator | None = None) -> App:
     store = store or make_store(config)
     generator = generator or make_generator(config)
-    pipeline = Pipeline(config, store, generator, MemoryLimiter(), MemoryChannelLock())
+    metrics: Metrics = Metrics()
+    if config.metrics_port is not None:
+        metrics = PrometheusMetrics(lambda: generator.queue_depth)
+        store = TimedStore(store, metrics)
+    limiter, lock = make_shared_state(config)
+    pipeline = Pipeline(config, store, generator, limiter, lock, metrics)
     if adapters is None:
         adapters = make_adapters(config)
-    return App(config, store, generator, adapters, pipeline)
+    app = App(config, store, generator, adapters, pipeline)
+    if isinstance(metrics, PrometheusMetrics):
+        app.ops = OpsServer(metrics, readiness_checks(app), host=config.metrics_host,
+                            port=config.metrics_port or 0)
+    return app
+
+
+def readiness_checks(app: App) -> dict:
+    """/readyz: the database answers a cheap query, the generator (and for a remote one, its
+    server) answers, every adapter is connected, Redis answers (when configured)."""
+    async def database() -> bool:
+        await app.store.count(platform="-readyz-")
+        return True
+
+    async def generator() -> bool:
+        if app.generator not in app._started:
+            return False
+        ping = getattr(getattr(app.generator, "backend", None), "ping", None)
+        return await asyncio.to_thread(ping) if ping is not None else True
+
+    checks = {"database": database, "generator": generator,
+              "adapters": adapters_connected(app.adapters, lambda: app._started)}
+    state = getattr(app.pipeline.limiter, "state", None)
+    if state is not None:
+        checks["redis"] = state.ping
+    return checks

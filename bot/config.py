@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from contextvars import ContextVar
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -48,10 +49,35 @@ class Config(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
     torch_threads: int | None = Field(None, ge=1, le=256,
                                       description="torch intra-op threads (default: torch's).")
+    generator_backend: Literal["torch", "ct2", "openai"] = Field("torch", description=(
+        "torch = transformers (DIALOGBOT_QUANTIZE applies); ct2 = CTranslate2 int8, "
+        "needs the ct2 extra; the model is converted once into $HF_HOME/dialogbot-ct2; "
+        "openai = an OpenAI-compatible completions server at DIALOGBOT_GENERATOR_URL "
+        "(only the tokenizer of DIALOGBOT_MODEL is loaded)."))
+    generator_url: str | None = Field(None, description=(
+        "Base URL of the completions server, e.g. http://vllm:8000/v1 (backend openai)."))
+    generator_api_key: SecretStr | None = Field(None, description="Its API key, if any.")
+    generator_model: str | None = Field(None, description=(
+        "Model name sent to the server (default: DIALOGBOT_MODEL)."))
+    quantize: Literal["none", "int8", "bf16", "fp16"] = Field("none", description=(
+        "torch precision: none = fp32; int8 = dynamic int8 (CPU); bf16 (CPU with native "
+        "bf16, or GPU); fp16 (GPU only)."))
     generation_timeout: float = Field(120.0, gt=0, le=3600,
                                       description="Seconds before a generation is abandoned.")
     queue_size: int = Field(64, ge=1, le=100_000,
                             description="Generation requests that may wait; more get 'busy'.")
+    batching: bool = Field(True, description=(
+        "Continuous batching across channels with per-channel KV cache reuse "
+        "(bot/batching.py; torch backend). Off = one request at a time."))
+    max_batch_size: int = Field(16, ge=1, le=256,
+                                description="Most requests decoded together in one step.")
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description=(
+        "When idle, how long the first request waits for others to start with it."))
+    kv_cache_mb: float = Field(512, ge=0, description=(
+        "Bytes (MiB) of per-channel KV caches kept between turns, LRU-evicted. 0 = off."))
+    window_step: int = Field(256, ge=0, le=1024, description=(
+        "When the prompt window must slide, drop at least this many tokens of old turns at "
+        "once so the prompt's beginning (and its cache) stays stable. 0 = slide per turn."))
     history_turns: int = Field(64, ge=1, le=1000,
                                description="Most recent turns read for a prompt.")
     recover_window: float = Field(300.0, ge=0, description=(
@@ -114,9 +140,26 @@ class Config(BaseSettings):
     discord_token: SecretStr | None = None
     discord_channels: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discord_shards: str | None = Field(None, description="unset = one connection; 'auto'; or N")
+    discord_shard_ids: Annotated[list[int], NoDecode] = Field(default_factory=list, description=(
+        "Shards this instance runs, e.g. 0,1 (with DIALOGBOT_DISCORD_SHARD_COUNT)."))
+    discord_shard_count: int | None = Field(None, ge=1, description=(
+        "Total shards across all instances."))
 
     # --- operations -------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "json = one JSON object a line, with platform and channel on every line."))
+    metrics_port: int | None = Field(None, ge=0, le=65535, description=(
+        "Serve /metrics, /healthz and /readyz on this port (unset = off; 0 = any free port)."))
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics server binds.")
+    redis_url: str | None = Field(None, description=(
+        "redis://host:6379/0: limits and per-channel locks shared by every instance "
+        "(unset = in-process)."))
+    redis_prefix: str = Field("dialogbot", min_length=1,
+                              description="Prefix of every Redis key this bot writes.")
+    lock_lease: float = Field(30.0, ge=1, le=3600, description=(
+        "Seconds a channel lock in Redis lives unless renewed; a crashed instance's lock "
+        "expires after this."))
 
     @field_validator("admin_ids", mode="before")
     @classmethod
@@ -153,6 +196,28 @@ class Config(BaseSettings):
             raise ValueError(f"must be at least DIALOGBOT_CANDIDATES ({wanted})")
         return value
 
+    @field_validator("generator_url")
+    @classmethod
+    def _generator_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("generator_backend") == "openai" and not value:
+            raise ValueError("required with DIALOGBOT_GENERATOR_BACKEND=openai")
+        return value or None
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _shard_ids(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("discord_shard_count")
+    @classmethod
+    def _shard_count(cls, value: int | None, info: ValidationInfo) -> int | None:
+        ids = info.data.get("discord_shard_ids") or []
+        if ids and value is None:
+            raise ValueError("set it when DIALOGBOT_DISCORD_SHARD_IDS is set")
+        if value is not None and any(not 0 <= i < value for i in ids):
+            raise ValueError(f"every shard id must be below it (ids {ids})")
+        return value
+
     @field_validator("discord_channels", mode="before")
     @classmethod
     def _discord_channels(cls, value: Any) -> Any:
@@ -171,6 +236,11 @@ class Config(BaseSettings):
     @classmethod
     def _log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("generator_backend", "quantize", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("telegram_token", "discord_token", mode="before")
     @classmethod
@@ -205,6 +275,10 @@ class Config(BaseSettings):
             value = getattr(self, name, None)
             if isinstance(value, SecretStr) and value.get_secret_value():
                 out.append(value.get_secret_value())
+        for url in (self.redis_url, self.generator_url):  # passwords inside URLs
+            password = urlsplit(url).password if url else None
+            if password:
+                out.append(password)
         return out
 
     def enabled_platforms(self) -> list[str]:
@@ -245,5 +319,5 @@ def _one_line(exc: ValidationError) -> str:
 def configure_logging(config: Config) -> None:
     from bot.logs import setup_logging
 
-    setup_logging(config.log_level, config.secrets())
+    setup_logging(config.log_level, config.secrets(), fmt=config.log_format)
     logging.getLogger(__name__).debug("logging configured")

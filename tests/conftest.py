@@ -41,3 +41,26 @@ def make_config(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.Monkey
         return load_config(**values)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Tests that call bot.logs.setup_logging change the root logger; put it back after each
+    test so later tests see pytest's own logging set-up."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logger.level for name, logger in logging.Logger.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))

@@ -61,7 +61,7 @@ class SlowBackend:
     def __init__(self, delay=0.002):
         self.delay = delay
         self.hang_next = False
-        self.active: dict[str, int] = {}
+        self.count = 0  # every reply differs, so the no-repeat rule never drops one
 
     def load(self):
         pass
@@ -70,7 +70,7 @@ class SlowBackend:
         return [1] * min(len(text), 50)
 
     def decode(self, ids):
-        return "ok " * len(ids)
+        return "ok " + " ".join(map(str, ids))
 
     def generate(self, prompt, settings, cancel):
         if self.hang_next:
@@ -79,7 +79,8 @@ class SlowBackend:
                 pass
             return []
         time.sleep(self.delay)
-        return [1, 2]
+        self.count += 1
+        return [self.count, 2]
 
 
 def platform_parts(platform: str, text: str) -> list[str]:
