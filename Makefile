@@ -25,8 +25,10 @@ chat: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# throughput and latency of every generator option, then what reply quality costs
 bench: $(STAMP)
 	$(PY) bench/bench.py $(ARGS)
+	$(PY) bench/bench_quality.py --lm-shape small --ranker-shape medium --new-tokens 40 $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
