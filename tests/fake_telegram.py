@@ -52,6 +52,8 @@ class FakeTelegram:
         self._next_update_id = 1
         self._next_message_id = 1000
         self._fail_sends = 0
+        self._broken_sends = 0
+        self._broken_status = 502
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -96,6 +98,12 @@ class FakeTelegram:
     def fail_next_sends(self, count: int, retry_after: int = 1) -> None:
         self._fail_sends = count
         self._retry_after = retry_after
+
+    def break_next_sends(self, count: int, status: int = 502) -> None:
+        """The next `count` sendMessage calls answer a server error (5xx), or, with
+        status=0, drop the connection without answering (a network failure)."""
+        self._broken_sends = count
+        self._broken_status = status
 
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method.lower() == method.lower()]
@@ -171,6 +179,13 @@ class FakeTelegram:
         return _ok(self._updates[:limit])
 
     async def _api_sendmessage(self, params: dict[str, Any]) -> web.Response:
+        if self._broken_sends > 0:
+            self._broken_sends -= 1
+            if self._broken_status == 0:
+                raise ConnectionResetError("fake: connection dropped")
+            return web.json_response({"ok": False, "error_code": self._broken_status,
+                                      "description": "Bad Gateway"},
+                                     status=self._broken_status)
         if self._fail_sends > 0:
             self._fail_sends -= 1
             return web.json_response(

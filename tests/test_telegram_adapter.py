@@ -182,6 +182,22 @@ async def test_429_is_waited_out_and_the_reply_still_arrives(config, fake):
     assert attempts[1].at - attempts[0].at >= 1.0
 
 
+@pytest.mark.parametrize("status", [502, 0], ids=["5xx", "connection-dropped"])
+async def test_platform_send_failure_is_retried_and_the_bot_recovers(config, fake, status,
+                                                                      caplog):
+    async with running(config) as (app, _):
+        app.pipeline.retry_base = 0.05
+        fake.break_next_sends(2, status)
+        await fake.push(ft.private_update("hello through a flaky network"))
+        sent = await fake.wait_sent(DM, 1)
+        assert sent[0]["text"].strip()
+        assert len(fake.calls_of("sendMessage")) >= 3  # two failures, then delivered
+        await fake.push(ft.private_update("and again"))
+        assert len(await fake.wait_sent(DM, 2)) == 2
+    assert any("send failed" in r.getMessage() for r in caplog.records)
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
 async def test_sticker_in_private_chat_gets_text_only_notice_and_bot_keeps_going(config, fake):
     async with running(config) as (app, _):
         await fake.push(ft.sticker_update(DM))
