@@ -43,9 +43,9 @@ from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from bot.errors import BusyError, GenerationError, GenerationTimeout
+from bot.errors import GenerationError
 from bot.events import DecodingSettings, Generated, GenerationRequest, Role
-from bot.generator import Backend, GenerationWorker, _Job, _resolve
+from bot.generator import Backend, GenerationWorker, LocalGenerator, _Job, _resolve
 from bot.kvcache import KV, BatchCache, PrefixCache
 from bot.prompt import build_window, prompt_budget, text_tail
 from bot.quality import ReplyRules, earlier_lines, is_repeat
@@ -369,7 +369,7 @@ class BatchWorker:
                     _resolve(job.loop, job.future, exc=exc)
 
 
-class BatchingGenerator:
+class BatchingGenerator(LocalGenerator):
     """The `Generator` seam over a transformers backend, with continuous batching and
     per-channel KV cache reuse.
 
@@ -381,7 +381,8 @@ class BatchingGenerator:
     `eos_token_id` and `n_positions`. `kv_cache_mb=0` turns cache reuse off; `window_step=0`
     builds prompts exactly as `LocalGenerator` does. `rules` and `rankers` are
     `LocalGenerator`'s (candidates per request become rows of the batch). `worker.stats`
-    counts the work done.
+    counts the work done. The async side (bounded queue, timeout, cancellation) is
+    `LocalGenerator`'s; only the worker differs.
     """
 
     def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
@@ -389,43 +390,11 @@ class BatchingGenerator:
                  max_batch_size: int = 16, max_wait_ms: float = 2.0, kv_cache_mb: float = 512,
                  window_step: int = 256, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None):
-        self.worker = BatchWorker(backend, fallback_reply, max_batch_size=max_batch_size,
-                                  max_wait=max_wait_ms / 1000,
-                                  cache_bytes=int(kv_cache_mb * 2**20),
-                                  window_step=window_step, rules=rules, rankers=rankers)
-        self.queue_size = queue_size
-        self.timeout = timeout
-        self._waiting = 0
-
-    @property
-    def backend(self) -> Backend:
-        return self.worker.backend
-
-    @property
-    def queue_depth(self) -> int:
-        return self._waiting
-
-    async def start(self) -> None:
-        await self.worker.start(asyncio.get_running_loop())
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.worker.stop, 30.0)
+        worker = BatchWorker(backend, fallback_reply, max_batch_size=max_batch_size,
+                             max_wait=max_wait_ms / 1000, cache_bytes=int(kv_cache_mb * 2**20),
+                             window_step=window_step, rules=rules, rankers=rankers)
+        super().__init__(backend, queue_size=queue_size, timeout=timeout, worker=worker)
 
     def forget_channel(self, channel_key: str) -> None:
         """Drop the channel's cached keys/values and window anchor."""
         self.worker.prefix.forget(channel_key)
-
-    async def reply(self, request: GenerationRequest) -> Generated:
-        if self._waiting >= self.queue_size:
-            raise BusyError(f"generation queue full ({self.queue_size})")
-        loop = asyncio.get_running_loop()
-        job = _Job(request, loop.create_future(), loop)
-        self._waiting += 1
-        try:
-            self.worker.jobs.put(job)
-            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)
-        except TimeoutError:
-            raise GenerationTimeout(f"no reply within {self.timeout:g}s") from None
-        finally:
-            job.cancel.set()  # leaves the batch at the next step if still running
-            self._waiting -= 1

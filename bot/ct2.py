@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bot.errors import ConfigError
 from bot.events import DecodingSettings
-from bot.hf import model_error
+from bot.hf import load_tokenizer, model_error
 from bot.quant import is_cuda
 
 log = logging.getLogger(__name__)
@@ -146,16 +146,13 @@ class CT2Backend:
 
     def load(self) -> None:
         import ctranslate2
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
+        self.tokenizer = load_tokenizer(self.model_id)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
             config = AutoConfig.from_pretrained(self.model_id)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise model_error(self.model_id, exc) from None
-        if len(self.tokenizer) == 0 or self.tokenizer.eos_token_id is None:
-            raise ConfigError(f"DIALOGBOT_MODEL={self.model_id!r}: the tokenizer is empty or "
-                              "has no end-of-text token; check vocab.json and merges.txt")
         self.eos_token_id = self.tokenizer.eos_token_id
         self.n_positions = int(getattr(config, "n_positions", None)
                                or config.max_position_embeddings)

@@ -203,8 +203,10 @@ class LocalGenerator:
 
     def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
                  fallback_reply: str = "I'm not sure what to say to that.",
-                 rules: ReplyRules | None = None, rankers: "Ensemble | None" = None):
-        self.worker = GenerationWorker(backend, fallback_reply, rules, rankers)
+                 rules: ReplyRules | None = None, rankers: "Ensemble | None" = None,
+                 worker: GenerationWorker | None = None):
+        # `worker` lets another scheduler (bot.batching.BatchWorker) sit behind this facade
+        self.worker = worker or GenerationWorker(backend, fallback_reply, rules, rankers)
         self.queue_size = queue_size
         self.timeout = timeout
         self._waiting = 0
@@ -238,5 +240,5 @@ class LocalGenerator:
         except TimeoutError:
             raise GenerationTimeout(f"no reply within {self.timeout:g}s") from None
         finally:
-            job.cancel.set()  # stops the model at its next step if still running
+            job.cancel.set()  # stops (or drops from the batch) at the next step if running
             self._waiting -= 1

@@ -28,6 +28,20 @@ def model_error(model_id: str, exc: BaseException) -> ConfigError:
         "microsoft/DialoGPT-medium with network access.")
 
 
+def load_tokenizer(model_id: str):
+    """DialoGPT's (GPT-2's) tokenizer from a hub id or directory, checked to be usable."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise model_error(model_id, exc) from None
+    if len(tokenizer) == 0 or tokenizer.eos_token_id is None:
+        raise ConfigError(f"DIALOGBOT_MODEL={model_id!r}: the tokenizer is empty or "
+                          "has no end-of-text token; check vocab.json and merges.txt")
+    return tokenizer
+
+
 class TransformersBackend:
     """GPT-2 / DialoGPT through `AutoModelForCausalLM`; greedy or sampled `generate`."""
 
@@ -44,18 +58,15 @@ class TransformersBackend:
 
     def load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        self.tokenizer = load_tokenizer(self.model_id)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
             model = AutoModelForCausalLM.from_pretrained(self.model_id)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise model_error(self.model_id, exc) from None
-        if len(self.tokenizer) == 0 or self.tokenizer.eos_token_id is None:
-            raise ConfigError(f"DIALOGBOT_MODEL={self.model_id!r}: the tokenizer is empty or "
-                              "has no end-of-text token; check vocab.json and merges.txt")
         self.eos_token_id = self.tokenizer.eos_token_id
         self.n_positions = int(getattr(model.config, "n_positions", None)
                                or model.config.max_position_embeddings)
