@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -117,48 +116,33 @@ class _Row:
         return self.group.settings
 
 
-class BatchWorker:
-    """One thread: prefill new requests one by one, decode all rows together, step by step."""
+class BatchWorker(GenerationWorker):
+    """One thread: prefill new requests one by one, decode all rows together, step by step.
+
+    Thread lifecycle, loading (backend, rankers, word list) and the reply rules (candidates,
+    repeats, filter) are `GenerationWorker`'s; only the serving loop differs."""
+
+    thread_name = "dialogbot-batcher"
 
     def __init__(self, backend: Backend, fallback_reply: str, *, max_batch_size: int = 16,
                  max_wait: float = 0.002, cache_bytes: int = 512 * 2**20,
                  window_step: int = 256, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None):
-        self.backend = backend
-        self.fallback_reply = fallback_reply
-        # LocalGenerator's worker, never started: it loads the rankers and the word list and
-        # holds the reply rules (candidates, repeats, filter) this worker applies too
-        self.judge = GenerationWorker(backend, fallback_reply, rules, rankers)
+        super().__init__(backend, fallback_reply, rules, rankers)
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait = max(0.0, max_wait)
         self.window_step = window_step
         self.prefix = PrefixCache(cache_bytes)
         self.stats = BatchStats()
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
         self._rows: list[_Row] = []  # in batch order
         self._joining: list[_Row] = []  # prefilled, not yet in the batch
         self._batch: BatchCache | None = None
         self._stopping = False
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Start the thread; the returned future resolves once the model is loaded."""
-        loaded: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(loop, loaded),
-                                        name="dialogbot-batcher", daemon=True)
-        self._thread.start()
-        return loaded
-
-    def stop(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self.jobs.put(None)
-            self._thread.join(timeout)
-            self._thread = None
-
     # --- inside the worker thread -----------------------------------------------------------
     def _run(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
         try:
-            self.judge.load()
+            self.load()
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, thread ends
             _resolve(loop, loaded, exc=exc)
             return
@@ -201,7 +185,7 @@ class BatchWorker:
         try:
             ticket = self.prefix.ticket()
             prompt = self.prompt_for(job.request, ticket)
-            earlier = earlier_lines(job.request.turns, self.judge.rules.repeat_window)
+            earlier = earlier_lines(job.request.turns, self.rules.repeat_window)
             self._prefill(_Group(job, prompt, job.request.settings, ticket, False, earlier, 0))
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
             log.exception("generation failed for %s", job.request.channel_key)
@@ -235,7 +219,7 @@ class BatchWorker:
         self.stats.reused_tokens += reuse
         kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
         scores = out.logits[:, -1, :].float()
-        group.left = self.judge.count(group.settings)
+        group.left = self.count(group.settings)
         for _ in range(group.left):
             row = _Row(group, processors_for(group.settings), tokens=list(prompt),
                        kv_len=len(prompt), kv=kv)
@@ -325,7 +309,7 @@ class BatchWorker:
         """`GenerationWorker.produce`'s rules: empty, repeated and (filter on) blocked
         candidates are dropped; none left -> one more attempt with sampling, then the neutral
         or fallback line; several -> the rankers pick (without rankers: the first)."""
-        job, judge = group.job, self.judge
+        job, judge = group.job, self
         kept: list[tuple[list[int], str]] = []
         seen: set[str] = set()
         blocked = 0

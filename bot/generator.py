@@ -59,7 +59,9 @@ class _Job:
 
 class GenerationWorker:
     """One thread that loads the backend (and rankers, word list) and serves jobs from a
-    queue, one at a time."""
+    queue, one at a time. `bot.batching.BatchWorker` overrides `_run` to batch them."""
+
+    thread_name = "dialogbot-generator"
 
     def __init__(self, backend: Backend, fallback_reply: str, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None):
@@ -75,7 +77,7 @@ class GenerationWorker:
         """Start the thread; the returned future resolves once the model is loaded."""
         loaded: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(loop, loaded),
-                                        name="dialogbot-generator", daemon=True)
+                                        name=self.thread_name, daemon=True)
         self._thread.start()
         return loaded
 
