@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from bot import __version__
 from bot.errors import BotError, ConfigError
+
+if TYPE_CHECKING:
+    from bot.config import Config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Chat with Microsoft's DialoGPT on Discord, Telegram and the console.")
@@ -37,14 +41,19 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
-def _serve(config_file: Optional[Path], platforms: list[str] | None, **overrides) -> None:
-    from bot.app import build_app, make_adapters
+def _serve(config_file: Optional[Path],
+           adapters: Callable[[Config], list] | None = None) -> None:
+    """Load settings, set up logging, build the app (with `adapters(config)` or the ones the
+    settings turn on) and run it until a signal or the console's end of input."""
+    from bot.app import build_app
     from bot.config import configure_logging, load_config
 
+    if hasattr(sys.stdin, "reconfigure"):  # broken bytes on a console become U+FFFD
+        sys.stdin.reconfigure(errors="replace")
     try:
-        config = load_config(config_file, **overrides)
+        config = load_config(config_file)
         configure_logging(config)
-        bot_app = build_app(config, make_adapters(config, platforms))
+        bot_app = build_app(config, adapters(config) if adapters else None)
         asyncio.run(bot_app.run())
     except BotError as exc:
         _fail(exc)
@@ -55,7 +64,7 @@ def _serve(config_file: Optional[Path], platforms: list[str] | None, **overrides
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Start every adapter whose token is set (the console when none is)."""
-    _serve(config, None)
+    _serve(config)
 
 
 @app.command()
@@ -65,20 +74,7 @@ def chat(config: ConfigOption = None,
     """Chat in the terminal. Piped input: one output line per input line."""
     from adapters.console import ConsoleAdapter
 
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="replace")
-    from bot.app import build_app
-    from bot.config import configure_logging, load_config
-
-    try:
-        cfg = load_config(config)
-        configure_logging(cfg)
-        bot_app = build_app(cfg, [ConsoleAdapter(cfg, channel=channel)])
-        asyncio.run(bot_app.run())
-    except BotError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        pass
+    _serve(config, lambda cfg: [ConsoleAdapter(cfg, channel=channel)])
 
 
 @app.command()
