@@ -16,9 +16,12 @@ through its async `reply()` with `GenerationRequest`s of `Turn`s, exactly as the
 
 Measured, each option in its own subprocess (clean peak RSS), medians over --runs:
 - baseline: the model card's loop, `model.generate` on one request after another;
-- per generator option (torch fp32 one-by-one, batching generator, torch int8, bf16 when the
-  CPU has it, CTranslate2 int8 when installed): 1, 4 and 16 channels each sending one request
-  at once: aggregate new tokens/s, p50/p95 reply latency, ratio to the baseline's tokens/s;
+- per generator option (torch fp32 one-by-one, batching generator with and without the
+  oneDNN-packed weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when
+  installed): 1, 4 and 16 channels each sending one request at once: aggregate new tokens/s,
+  p50/p95 reply latency, ratio to the baseline's tokens/s;
+- batching generators: a 16th request arriving while 15 channels decode: the time until its
+  prefill starts against one 15-row decode step;
 - event-loop lag (a 10 ms ticker: how late each tick wakes) p50/p99/max during the 16-channel
   run (the largest run with --quick for one-by-one generators);
 - one conversation of ~20-token user turns (the window slides after ~16 turns): reply latency
@@ -123,7 +126,7 @@ def run_baseline(args) -> dict:
     config = GenerationConfig(**kwargs)
     count = 3 if args.quick else 8
     runs, bad = [], 0
-    for run in range(args.runs):
+    for run in range(args.first_run, args.first_run + args.runs):
         prompts = [model_card_ids(tokenizer, t) for t in make_prompts(tokenizer, count, run)]
         latencies = []
         with torch.inference_mode():
@@ -149,6 +152,8 @@ def run_baseline(args) -> dict:
 OPTIONS = {  # name -> Config overrides
     "torch-fp32": dict(generator_backend="torch", quantize="none", batching=False),
     "torch-fp32-batching": dict(generator_backend="torch", quantize="none", batching=True),
+    "torch-fp32-batching-unpacked": dict(generator_backend="torch", quantize="none",
+                                         batching=True, pack_weights=False),
     "torch-int8": dict(generator_backend="torch", quantize="int8", batching=False),
     "torch-int8-batching": dict(generator_backend="torch", quantize="int8", batching=True),
     "torch-bf16": dict(generator_backend="torch", quantize="bf16", batching=False),
@@ -167,7 +172,9 @@ def available_options() -> tuple[list[str], dict[str, str]]:
     batching = "batching" in Config.model_fields and \
         importlib.util.find_spec("bot.batching") is not None
     if not batching:
-        skipped["torch-fp32-batching"] = skipped["torch-int8-batching"] = "no bot.batching"
+        for name in ("torch-fp32-batching", "torch-fp32-batching-unpacked",
+                     "torch-int8-batching"):
+            skipped[name] = "no bot.batching"
     if not cpu_supports_bf16():
         skipped["torch-bf16"] = "CPU has no native bf16"
     if importlib.util.find_spec("ctranslate2") is None:
@@ -255,6 +262,32 @@ async def concurrency_run(generator, tokenizer, level: int, seed: int, checker: 
                 p50_s=pct(latencies, 50), p95_s=pct(latencies, 95), **probe.summary())
 
 
+async def join_run(generator, tokenizer, seed: int, checker: Checker) -> dict:
+    """Continuous batching: 15 channels decode; a 16th request arrives mid-reply. How long
+    from its arrival until its prefill starts, against the time of one 15-row decode step
+    (the worker's own clock: `BatchStats.admissions` and `.steps`)."""
+    stats = generator.worker.stats
+    settings = decoding()
+    histories = make_prompts(tokenizer, 16, 7000 + seed)
+
+    async def one(index: int) -> None:
+        checker.check(await generator.reply(request_for(f"join-{seed}-{index}",
+                                                        histories[index], settings)))
+
+    first_step = len(stats.steps)
+    tasks = [asyncio.create_task(one(i)) for i in range(15)]
+    while sum(rows == 15 for _, rows, _ in list(stats.steps)[first_step:]) < 5:
+        await asyncio.sleep(0.005)  # all 15 decode together, a few steps in
+    mark_admissions, mark_steps = len(stats.admissions), len(stats.steps)
+    tasks.append(asyncio.create_task(one(15)))
+    await asyncio.gather(*tasks)
+    arrived, admitted = list(stats.admissions)[mark_admissions]
+    wait = admitted - arrived
+    step = statistics.median(s for _, rows, s in list(stats.steps)[first_step:mark_steps]
+                             if rows == 15)
+    return dict(join_wait_ms=wait * 1000, step15_ms=step * 1000, join_over_step=wait / step)
+
+
 async def conversation(generator, tokenizer, args, seed: int, checker: Checker) -> dict:
     """Turn 1's latency and the median over turns 26-35 (26-30 with --quick, where turns
     1-24 hold made-up replies of 40 tokens instead of generated ones; turn 25 is generated
@@ -295,6 +328,10 @@ async def conversation(generator, tokenizer, args, seed: int, checker: Checker) 
                 late_turns=f"26-{last}", last_prompt_tokens=generated.prompt_tokens)
 
 
+def run_ids(args) -> range:
+    return range(args.first_run, args.first_run + args.runs)
+
+
 async def run_option(args) -> dict:
     from bot.app import make_generator
 
@@ -318,11 +355,16 @@ async def run_option(args) -> dict:
                 levels = (1, 4)  # one by one: 16 channels only queue 4x longer
             for level in levels:
                 runs = [await concurrency_run(generator, tokenizer, level, run, checker,
-                                              args.worker) for run in range(args.runs)]
+                                              args.worker) for run in run_ids(args)]
                 result[f"c{level}"] = median_of(runs)
+            if hasattr(getattr(generator, "worker", None), "stats"):  # batching
+                runs = [await join_run(generator, tokenizer, run, checker)
+                        for run in run_ids(args)]
+                result["join"] = dict(median_of(runs),
+                                      join_wait_max_ms=max(r["join_wait_ms"] for r in runs))
         if args.mode in ("all", "conversation"):
             runs = [await conversation(generator, tokenizer, args, run, checker)
-                    for run in range(args.runs)]
+                    for run in run_ids(args)]
             result["conversation"] = median_of(runs)
         stats = getattr(getattr(generator, "worker", None), "stats", None)
         if stats is not None and hasattr(stats, "reused_tokens"):
@@ -335,6 +377,38 @@ async def run_option(args) -> dict:
 
 
 # --- the orchestrator -----------------------------------------------------------------------
+SUMMED = ("bad_replies", "replies_checked")
+
+
+def merge_runs(runs: list[dict], baselines: list[dict] | None = None) -> dict:
+    """One option's results over rounds: medians (sums of the reply checks, the worst join
+    wait), each level's tokens/s ratio to its own round's baseline (median over rounds)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = median_of(ok)
+    for key in SUMMED:
+        if key in out:
+            out[key] = sum(r.get(key, 0) for r in ok)
+    for key, pick in (("prompt_min", min), ("prompt_max", max)):
+        if key in out:
+            out[key] = pick(r[key] for r in ok)
+    for key, value in ok[0].items():
+        if isinstance(value, dict):
+            out[key] = median_of([r[key] for r in ok])
+    if "join" in out:
+        out["join"]["join_wait_max_ms"] = max(r["join"]["join_wait_max_ms"] for r in ok)
+    if baselines:
+        for level in CONCURRENCY:
+            ratios = [r[f"c{level}"]["tokens_per_s"] / b["tokens_per_s"]
+                      for r, b in zip(runs, baselines)
+                      if "error" not in r and f"c{level}" in r and b.get("tokens_per_s")]
+            if ratios:
+                out[f"c{level}"]["x_baseline"] = statistics.median(ratios)
+    out["runs_failed"] = len(runs) - len(ok)
+    return out
+
+
 def model_dir(size: str, cache: Path) -> Path:
     from tests.modelkit import make_model_dir
 
@@ -348,12 +422,13 @@ def model_dir(size: str, cache: Path) -> Path:
     return folder
 
 
-def subprocess_run(args, worker: str, mode: str = "all") -> dict:
+def subprocess_run(args, worker: str, mode: str = "all", run: int = 0) -> dict:
+    """Run `run` (its prompts are seeded by its number) of one option in a fresh process."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
-               "--mode", mode, "--model-dir", str(args.model_dir), "--runs", str(args.runs),
-               "--out", str(out)]
+               "--mode", mode, "--model-dir", str(args.model_dir), "--runs", "1",
+               "--first-run", str(run), "--out", str(out)]
     command += ["--quick"] if args.quick else []
     command += ["--threads", str(args.threads)] if args.threads else []
     t0 = time.perf_counter()
@@ -364,7 +439,7 @@ def subprocess_run(args, worker: str, mode: str = "all") -> dict:
         return dict(error=tail)
     result = json.loads(out.read_text())
     out.unlink()
-    print(f"  {worker} ({mode}): {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"  run {run + 1}: {worker} ({mode}): {time.perf_counter() - t0:.0f} s", flush=True)
     return result
 
 
@@ -417,12 +492,20 @@ def table(report: dict) -> str:
                 continue
             lag = (f"{row['lag_p50_ms']:.1f}/{row['lag_p99_ms']:.1f}/{row['lag_max_ms']:.1f}"
                    if level == max(c for c in CONCURRENCY if f"c{c}" in result) else "")
-            ratio = row["tokens_per_s"] / base if base else None
+            ratio = row.get("x_baseline")
             lines.append(f"| {name} | {level} | {row['tokens_per_s']:.1f} | {fmt(ratio)} | "
                          f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {lag} | "
                          f"{fmt(result.get('peak_rss_mb'), '.0f') if level == 1 else ''} |")
     for name, why in report["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | |")
+    joins = [(name, r["join"]) for name, r in report["options"].items() if "join" in r]
+    if joins:
+        lines += ["", "| a 16th request joins 15 decoding | waited until its prefill, ms |"
+                  " one 15-row decode step, ms | wait / step |", "|---|---|---|---|"]
+        for name, join in joins:
+            lines.append(f"| {name} | {join['join_wait_ms']:.0f} (max "
+                         f"{join['join_wait_max_ms']:.0f}) | {join['step15_ms']:.0f} | "
+                         f"{join['join_over_step']:.2f} |")
     lines += ["", "| conversation | turn 1 s | median turns " + "26-30" * report["quick"] +
               "26-35" * (not report["quick"]) + " s | ratio | prompt tokens at the end |",
               "|---|---|---|---|---|"]
@@ -430,7 +513,7 @@ def table(report: dict) -> str:
         conv = result.get("conversation")
         if conv:
             lines.append(f"| {name} | {conv['turn1_s']:.2f} | {conv['late_median_s']:.2f} | "
-                         f"{conv['late_over_turn1']:.2f} | {conv['last_prompt_tokens']} |")
+                         f"{conv['late_over_turn1']:.2f} | {conv['last_prompt_tokens']:.0f} |")
         else:
             lines.append(f"| {name} | failed | | | |")
     results = {id(r): r for r in [*report["options"].values(),
@@ -459,6 +542,7 @@ def main() -> int:
     parser.add_argument("--mode", default="all", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--first-run", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick and "--runs" not in sys.argv:
         args.runs = 1
@@ -488,7 +572,6 @@ def main() -> int:
         from bot.ct2 import ensure_converted
 
         ensure_converted(args.model_dir)
-    report["baseline"] = subprocess_run(args, "baseline")
     labels = {"torch-fp32": "torch-fp32 (one by one, no cache)",
               "torch-fp32-batching": "torch-fp32-batching (KV cache reuse)",
               "torch-fp32-batching-nocache": "torch-fp32-batching, kv_cache_mb=0"}
@@ -497,14 +580,27 @@ def main() -> int:
         conversations.append("torch-fp32-batching-nocache")
         if args.quick:
             conversations.remove("torch-fp32")  # --quick: cache on/off is what matters
-    for name in names:  # an option with a conversation runs both in one process
-        mode = "all" if name in conversations else "throughput"
-        report["options"][name] = subprocess_run(args, name, mode)
-        if mode == "all":
-            report["conversations"][labels[name]] = report["options"][name]
-    for name in conversations:
-        if name not in names:
-            report["conversations"][labels[name]] = subprocess_run(args, name, "conversation")
+    # Runs are rounds: the baseline, then every option, once per round. The machine's speed
+    # drifts (shared hosts), so each option is compared with its own round's baseline and
+    # the ratios' median is reported, next to the medians of the figures themselves.
+    rounds = []
+    for run in range(args.runs):
+        one = dict(baseline=subprocess_run(args, "baseline", run=run), options={})
+        for name in names:  # an option with a conversation runs both in one process
+            mode = "all" if name in conversations else "throughput"
+            one["options"][name] = subprocess_run(args, name, mode, run)
+        for name in conversations:
+            if name not in names:
+                one["options"][name] = subprocess_run(args, name, "conversation", run)
+        rounds.append(one)
+    report["baseline"] = merge_runs([r["baseline"] for r in rounds])
+    for name in [*names, *(n for n in conversations if n not in names)]:
+        merged = merge_runs([r["options"][name] for r in rounds],
+                            [r["baseline"] for r in rounds])
+        if name in names:
+            report["options"][name] = merged
+        if name in conversations:
+            report["conversations"][labels[name]] = merged
     report["seconds"] = time.perf_counter() - started
     print()
     print(table(report))

@@ -51,7 +51,8 @@ def make_backend(config: Config) -> "Backend":
 
     check_quantize(config.quantize, config.device)
     return TransformersBackend(config.model, device=config.device,
-                               threads=config.torch_threads, quantize=config.quantize)
+                               threads=config.torch_threads, quantize=config.quantize,
+                               pack_weights=config.pack_weights)
 
 
 def make_generator(config: Config) -> Generator:

@@ -20,8 +20,9 @@ few hundred lines over the model's own forward):
 - Rows are left-padded in a shared `BatchCache` (preallocated buffers, so a step does not
   copy the cache); the attention mask marks padding and each row's position ids count only
   its real tokens (GPT-2 has absolute positions), so every fp32 greedy row equals a solo run.
-- Each row has its own transformers logits processors (repetition penalty, no-repeat n-gram,
-  temperature, top-k, top-p), applied row by row, and its own `max_new_tokens`.
+- Each row keeps its own settings and `max_new_tokens`; rows that share settings get their
+  next tokens together (`bot.sampling.choose`: transformers' processors over the group, an
+  incremental no-repeat n-gram map per row, one argmax or multinomial).
 - Between turns, `PrefixCache` keeps each channel's ids the model saw and their keys/values
   (LRU, bounded in bytes); a prompt that starts with them prefills only the new tokens. The
   prompt is built with `bot.prompt.build_window`, which slides the window in steps of
@@ -34,13 +35,11 @@ import asyncio
 import logging
 import queue
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
 
 from bot.errors import GenerationError
 from bot.events import DecodingSettings, Generated, GenerationRequest, Role
@@ -48,6 +47,7 @@ from bot.generator import Backend, GenerationWorker, LocalGenerator, _Job, _reso
 from bot.kvcache import KV, BatchCache, PrefixCache
 from bot.prompt import build_window, prompt_budget, text_tail
 from bot.quality import ReplyRules, earlier_lines, is_repeat
+from bot.sampling import NGramBans, choice_key, choose
 
 if TYPE_CHECKING:
     from bot.rankers import Ensemble
@@ -55,32 +55,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def processors_for(settings: DecodingSettings) -> LogitsProcessorList:
-    """The processors `generate` would build for these settings, in the same order."""
-    out = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        out.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if settings.no_repeat_ngram_size > 0:
-        out.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
-    if settings.do_sample:
-        if settings.temperature != 1.0:
-            out.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k != 0:
-            out.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
-        if settings.top_p < 1.0:
-            out.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
-    return out
-
-
 @dataclass(slots=True)
 class BatchStats:
     """Counters for tests and the benchmark (written by the worker thread only)."""
 
     prefill_tokens: int = 0  # tokens run through the model in prefills
+    prefill_seconds: float = 0.0  # time spent in those prefills (model call and first token)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     decode_steps: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
     max_batch: int = 0
+    # the last 1,000 of: (arrival in the queue, start of its prefill) per request and
+    # (start, rows, seconds) per decode step, on the `time.monotonic` clock
+    admissions: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=1000))
+    steps: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 @dataclass(slots=True)
@@ -100,7 +88,7 @@ class _Group:
 @dataclass(slots=True)
 class _Row:
     group: _Group
-    processors: LogitsProcessorList
+    bans: NGramBans | None  # when the settings ask for no-repeat n-grams
     tokens: list[int] = field(default_factory=list)  # prompt + generated, as generate sees it
     generated: list[int] = field(default_factory=list)  # without the end-of-text token
     kv_len: int = 0  # leading `tokens` whose keys/values are in the cache
@@ -182,6 +170,7 @@ class BatchWorker(GenerationWorker):
     def _admit(self, job: _Job) -> None:
         if job.cancel.is_set() or job.future.done():
             return
+        self.stats.admissions.append((job.queued_at, time.monotonic()))
         try:
             ticket = self.prefix.ticket()
             prompt = self.prompt_for(job.request, ticket)
@@ -208,6 +197,7 @@ class BatchWorker(GenerationWorker):
         """Run the prompt's new tokens alone, pick each candidate's first token; the rows join
         the batch at the next regroup unless they are already finished."""
         model, device, prompt = self.backend.model, self.backend.device, group.prompt
+        started = time.monotonic()
         reuse, past = self.prefix.lookup(group.job.request.channel_key, prompt)
         cache = BatchCache.from_rows([past], [reuse], len(prompt) - reuse) if past else None
         new = torch.tensor([prompt[reuse:]], dtype=torch.long, device=device)
@@ -218,12 +208,14 @@ class BatchWorker(GenerationWorker):
         self.stats.prefill_tokens += len(prompt) - reuse
         self.stats.reused_tokens += reuse
         kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
-        scores = out.logits[:, -1, :].float()
-        group.left = self.count(group.settings)
-        for _ in range(group.left):
-            row = _Row(group, processors_for(group.settings), tokens=list(prompt),
-                       kv_len=len(prompt), kv=kv)
-            self._advance(row, scores)
+        group.left = n = self.count(group.settings)
+        size = group.settings.no_repeat_ngram_size
+        bans = NGramBans(size, prompt) if size > 0 else None
+        rows = [_Row(group, bans.copy() if bans and i else bans, tokens=list(prompt),
+                     kv_len=len(prompt), kv=kv) for i in range(n)]
+        self._pick(rows, out.logits[:, -1, :].float().repeat(n, 1))
+        self.stats.prefill_seconds += time.monotonic() - started
+        for row in rows:
             if row.done:
                 self._finish(row, kv)
             else:
@@ -253,36 +245,36 @@ class BatchWorker(GenerationWorker):
     def _step(self) -> None:
         """One decode step for every row; finished rows are answered at once."""
         rows, batch, device = self._rows, self._batch, self.backend.device
+        started = time.monotonic()
         try:
             out = self.backend.model(
                 input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=device),
                 position_ids=torch.tensor([[r.kv_len] for r in rows], device=device),
                 attention_mask=batch.step_mask(), past_key_values=batch, use_cache=True)
-            logits = out.logits[:, -1, :].float()
-            greedy = logits.argmax(-1).tolist()
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(rows)
-            for i, row in enumerate(rows):
+            for row in rows:
                 row.kv_len += 1
-                if row.processors or row.settings.do_sample:
-                    self._advance(row, logits[i:i + 1])
-                else:
-                    self._take_token(row, greedy[i])
+            self._pick(rows, out.logits[:, -1, :].float())
+            self.stats.steps.append((started, len(rows), time.monotonic() - started))
+            for i, row in enumerate(rows):
                 if row.done:
                     self._finish(row, batch.row(i, row.kv_len))
         except Exception as exc:  # noqa: BLE001 - the batch is lost; every row is told
             log.exception("decode step failed for %d rows", len(rows))
             self._fail_all(GenerationError(str(exc) or type(exc).__name__))
 
-    def _advance(self, row: _Row, scores: torch.Tensor) -> None:
-        if row.processors:
-            ids = torch.tensor([row.tokens], dtype=torch.long, device=scores.device)
-            scores = row.processors(ids, scores)
-        if row.settings.do_sample:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
-        else:
-            token = int(scores.argmax(-1)[0])
-        self._take_token(row, token)
+    def _pick(self, rows: list[_Row], scores: torch.Tensor) -> None:
+        """Each row's next token from its `scores` row; rows sharing settings together."""
+        groups: dict[tuple, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(choice_key(row.settings), []).append(index)
+        for indices in groups.values():
+            part = scores if len(indices) == len(rows) else scores[indices]
+            chosen = choose(part, rows[indices[0]].settings, [rows[i].tokens for i in indices],
+                            [rows[i].bans for i in indices])
+            for index, token in zip(indices, chosen):
+                self._take_token(rows[index], token)
 
     def _take_token(self, row: _Row, token: int) -> None:
         if token == self.backend.eos_token_id:
@@ -290,6 +282,8 @@ class BatchWorker(GenerationWorker):
             return
         row.generated.append(token)
         row.tokens.append(token)
+        if row.bans is not None:
+            row.bans.add(token)
         if len(row.generated) >= row.settings.max_new_tokens:
             row.done = True
 

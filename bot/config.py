@@ -62,6 +62,9 @@ class Config(BaseSettings):
     quantize: Literal["none", "int8", "bf16", "fp16"] = Field("none", description=(
         "torch precision: none = fp32; int8 = dynamic int8 (CPU); bf16 (CPU with native "
         "bf16, or GPU); fp16 (GPU only)."))
+    pack_weights: bool = Field(True, description=(
+        "fp32 on a CPU: reorder the linear weights once into oneDNN's blocked layout "
+        "(same math; batched decode ~1.7x faster). false = torch's default matmul."))
     generation_timeout: float = Field(120.0, gt=0, le=3600,
                                       description="Seconds before a generation is abandoned.")
     queue_size: int = Field(64, ge=1, le=100_000,

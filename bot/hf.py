@@ -46,11 +46,12 @@ class TransformersBackend:
     """GPT-2 / DialoGPT through `AutoModelForCausalLM`; greedy or sampled `generate`."""
 
     def __init__(self, model_id: str, *, device: str = "cpu", threads: int | None = None,
-                 quantize: str = "none"):
+                 quantize: str = "none", pack_weights: bool = True):
         self.model_id = model_id
         self.device = device
         self.threads = threads
         self.quantize = quantize  # bot.quant.prepare_model: none | int8 | bf16 | fp16
+        self.pack_weights = pack_weights  # fp32 on a CPU: oneDNN-packed linear weights
         self.model = None
         self.tokenizer = None
         self.eos_token_id = 50256
@@ -72,7 +73,8 @@ class TransformersBackend:
                                or model.config.max_position_embeddings)
         from bot.quant import prepare_model
 
-        self.model = prepare_model(model.to(self.device).eval(), self.quantize, self.device)
+        self.model = prepare_model(model.to(self.device).eval(), self.quantize, self.device,
+                                   pack=self.pack_weights)
         log.info("model %s loaded: %d layers, %d positions, device %s, quantize %s",
                  self.model_id, getattr(model.config, "n_layer", 0), self.n_positions,
                  self.device, self.quantize)

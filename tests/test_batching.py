@@ -165,6 +165,28 @@ async def test_a_request_joins_mid_batch_and_a_short_one_leaves_early(batcher, h
         assert list(got.token_ids) == solo(hf, text, settings)
 
 
+async def test_a_request_arriving_while_15_decode_starts_before_their_next_step(batcher, hf):
+    """Continuous batching: the 16th request's prefill starts right after the decode step in
+    progress when it arrived (no decode step starts while it waits), then all 16 decode
+    together, and its reply is the one it would get alone."""
+    gen = await batcher(max_wait_ms=0)
+    long = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=60)
+    stats = gen.worker.stats
+    texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" for i in range(16)]
+    first = [asyncio.create_task(gen.reply(request(texts[i], long, str(i)))) for i in range(15)]
+    while sum(rows == 15 for _, rows, _ in stats.steps) < 3:
+        await asyncio.sleep(0.001)
+    marker = len(stats.admissions)
+    last = await gen.reply(request(texts[15], long, "15"))
+    await asyncio.gather(*first)
+    arrived, admitted = stats.admissions[marker]
+    assert admitted >= arrived
+    started_while_waiting = [s for s in stats.steps if arrived < s[0] < admitted]
+    assert started_while_waiting == []
+    assert stats.max_batch == 16 and any(rows == 16 for _, rows, _ in stats.steps)
+    assert list(last.token_ids) == solo(hf, texts[15], long)
+
+
 async def test_event_loop_keeps_ticking_while_a_batch_decodes(batcher):
     gen = await batcher()
     lags: list[float] = []
