@@ -95,6 +95,19 @@ def decoding():
     return DecodingSettings(max_new_tokens=NEW_TOKENS)  # the bot's defaults otherwise
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the process's own memory map;
+    `ru_maxrss` does not do: Linux carries the parent's peak over fork and exec, so every
+    measured process would report at least the orchestrator's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -552,7 +565,7 @@ def main() -> int:
             result = run_baseline(args)
         else:
             result = asyncio.run(run_option(args))
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         args.out.write_text(json.dumps(result))
         return 0
 
