@@ -296,9 +296,13 @@ async def join_run(generator, tokenizer, seed: int, checker: Checker) -> dict:
     await asyncio.gather(*tasks)
     arrived, admitted = list(stats.admissions)[mark_admissions]
     wait = admitted - arrived
-    step = statistics.median(s for _, rows, s in list(stats.steps)[first_step:mark_steps]
-                             if rows == 15)
-    return dict(join_wait_ms=wait * 1000, step15_ms=step * 1000, join_over_step=wait / step)
+    steps = list(stats.steps)[first_step:]
+    step = statistics.median(s for _, rows, s in steps[:mark_steps - first_step] if rows == 15)
+    # the step that was running when it arrived (the last one started before), and the
+    # time from that step's end to the request's prefill
+    start, _, seconds = max((s for s in steps if s[0] <= arrived), key=lambda s: s[0])
+    return dict(join_wait_ms=wait * 1000, step15_ms=step * 1000, join_over_step=wait / step,
+                inflight_step_ms=seconds * 1000, after_step_ms=(admitted - start - seconds) * 1000)
 
 
 async def conversation(generator, tokenizer, args, seed: int, checker: Checker) -> dict:
@@ -514,11 +518,12 @@ def table(report: dict) -> str:
     joins = [(name, r["join"]) for name, r in report["options"].items() if "join" in r]
     if joins:
         lines += ["", "| a 16th request joins 15 decoding | waited until its prefill, ms |"
-                  " one 15-row decode step, ms | wait / step |", "|---|---|---|---|"]
+                  " the step running when it arrived, ms | from that step's end to its prefill,"
+                  " ms | median 15-row step, ms |", "|---|---|---|---|---|"]
         for name, join in joins:
             lines.append(f"| {name} | {join['join_wait_ms']:.0f} (max "
-                         f"{join['join_wait_max_ms']:.0f}) | {join['step15_ms']:.0f} | "
-                         f"{join['join_over_step']:.2f} |")
+                         f"{join['join_wait_max_ms']:.0f}) | {join['inflight_step_ms']:.0f} | "
+                         f"{join['after_step_ms']:.1f} | {join['step15_ms']:.0f} |")
     lines += ["", "| conversation | turn 1 s | median turns " + "26-30" * report["quick"] +
               "26-35" * (not report["quick"]) + " s | ratio | prompt tokens at the end |",
               "|---|---|---|---|---|"]

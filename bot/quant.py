@@ -136,20 +136,21 @@ def pack_linear_weights(model: Any) -> int:
     from transformers.pytorch_utils import Conv1D
 
     packed_linear = _packed_linear_class()
-    replaced = 0
+    # (parent, name) pairs, not the layers: each old layer is released as soon as it is packed
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children()
+              if isinstance(child, (Conv1D, nn.Linear)) and child.weight.dtype == torch.float32
+              and child.weight.device.type == "cpu"]
     with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, (Conv1D, nn.Linear)) or \
-                        child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
-                    continue
-                if isinstance(child, Conv1D):  # Conv1D keeps its weight as (in, out)
-                    new = packed_linear(child.weight.t(), child.bias)
-                else:
-                    new = packed_linear(child.weight, child.bias)
-                setattr(parent, name, new)
-                replaced += 1
-    return replaced
+        for parent, name in places:
+            child = getattr(parent, name)
+            if isinstance(child, Conv1D):  # Conv1D keeps its weight as (in, out)
+                new = packed_linear(child.weight.t(), child.bias)
+            else:
+                new = packed_linear(child.weight, child.bias)
+            del child
+            setattr(parent, name, new)
+    return len(places)
 
 
 def prepare_model(model: Any, quantize: str, device: str, pack: bool = True) -> Any:
