@@ -149,11 +149,25 @@ DECODING_FIELDS = tuple(DecodingSettings.__dataclass_fields__)
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What the pipeline asks the generator for: a channel's turns, oldest first."""
+    """What the pipeline asks the generator for: one conversation's turns, oldest first.
+
+    channel_key: the conversation key. It is "platform:channel" for a channel-wide history and
+                 "platform:channel#<sub>" for one conversation inside a channel (a user's
+                 conversation, a reply chain); generators key per-conversation state (KV
+                 caches) by it, and `Generator.forget_channel("platform:channel")` drops the
+                 channel's key and every "platform:channel#..." key.
+    character:   which model answers (a name from DIALOGBOT_CHARACTERS); None = the default.
+    """
 
     channel_key: str
     turns: tuple[Turn, ...]
     settings: DecodingSettings
+    character: str | None = None
+
+    @property
+    def channel(self) -> str:
+        """"platform:channel" without the conversation suffix."""
+        return self.channel_key.split("#", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)

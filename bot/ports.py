@@ -90,14 +90,21 @@ class Store(Protocol):
 
 
 class Generator(Protocol):
-    """Turns a channel's history into DialoGPT's reply.
+    """Turns a conversation's history into DialoGPT's reply.
 
     Contract: `reply` never blocks the event loop (all model and tokenizer work runs in the
     generator's worker); it returns non-empty text (a short fallback line when the model
     gives nothing); raises `GenerationTimeout` after the configured timeout, `BusyError` when
-    its queue is full, `GenerationError` for anything else. `forget_channel` drops whatever
-    the generator keeps per channel (caches) after /reset, /forget or a settings change.
+    its queue is full, `GenerationError` for anything else. `forget_channel(key)` drops
+    whatever the generator keeps for the conversation `key` (caches) after /reset, /forget or
+    a settings change; for a channel key ("platform:channel") it also drops every
+    conversation inside it ("platform:channel#..."), and a request that started before the
+    call never stores state for them afterwards. `ready` is True while the generator can
+    serve (started, its worker alive); /readyz reports it.
     """
+
+    @property
+    def ready(self) -> bool: ...
 
     async def start(self) -> None: ...
 
