@@ -23,7 +23,7 @@ chat: $(STAMP)
 	$(VENV)/bin/dialogbot chat $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # throughput and latency of every generator option, then what reply quality costs
 bench: $(STAMP)

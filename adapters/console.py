@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import uuid
 from contextlib import asynccontextmanager
 from typing import TextIO
 
 from bot.config import Config
 from bot.events import Incoming, Reply
-from bot.text import clean_outgoing, one_line
+from bot.text import clean_outgoing, one_line, split_message
 
 PLATFORM = "console"
 
 
-def to_event(line: str, number: int, channel: str = "local", user: str = "local") -> Incoming:
-    """A console line is always a direct message to the bot."""
-    return Incoming(platform=PLATFORM, channel=channel, message_id=str(number), author_id=user,
+def to_event(line: str, number: int, channel: str = "local", user: str = "local",
+             run: str = "") -> Incoming:
+    """A console line is always a direct message to the bot; its id is "<run>.<line number>"
+    (the run part keeps ids unique across restarts)."""
+    return Incoming(platform=PLATFORM, channel=channel,
+                    message_id=f"{run}.{number}" if run else str(number), author_id=user,
                     author_name=user, text=line.rstrip("\r\n"), is_direct=True, is_to_me=True)
 
 
@@ -42,6 +46,8 @@ class ConsoleAdapter:
         self.done = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._buffer: dict[str, list[str]] = {}
+        self._run = uuid.uuid4().hex[:8]  # message ids stay unique across runs
+        self._sent = 0
 
     async def start(self, pipeline) -> None:  # noqa: ANN001 - bot.pipeline.Pipeline
         self._task = asyncio.create_task(self._serve(pipeline), name="console")
@@ -55,12 +61,16 @@ class ConsoleAdapter:
                 pass
         self.done.set()
 
-    async def send(self, reply: Reply) -> None:
-        text = clean_outgoing(reply.text)
+    def split(self, text: str) -> list[str]:
+        return split_message(clean_outgoing(text), self.max_message_length)
+
+    async def send_part(self, reply: Reply, index: int, part: str) -> str:
         if reply.reply_to in self._buffer:
-            self._buffer[reply.reply_to].append(text)
+            self._buffer[reply.reply_to].append(part)
         else:
-            self._write(f"bot> {text}\n" if self.interactive else one_line(text) + "\n")
+            self._write(f"bot> {part}\n" if self.interactive else one_line(part) + "\n")
+        self._sent += 1
+        return f"{self._run}.out{self._sent}"
 
     async def is_admin(self, event: Incoming) -> bool:
         return True  # the person at the terminal owns the bot
@@ -88,18 +98,14 @@ class ConsoleAdapter:
                 if line is None:
                     break
                 number += 1
-                event = to_event(line, number, self.channel)
+                event = to_event(line, number, self.channel, run=self._run)
                 if not self.interactive:
                     self._buffer[event.message_id] = []
                 # submitted like any platform event, so shutdown lets it finish
-                task = pipeline.submit(event)
-                if task is not None:
-                    await asyncio.shield(task)
+                await asyncio.shield(pipeline.submit(event))
                 if not self.interactive:
                     parts = self._buffer.pop(event.message_id)
                     self._write(one_line(" ".join(parts)) + "\n")
-                if task is None:
-                    break
         finally:
             self.done.set()
 

@@ -37,7 +37,7 @@ from discord import app_commands
 
 from bot.commands import COMMAND_NAMES
 from bot.config import Config
-from bot.errors import PlatformError
+from bot.errors import PlatformError, UndeliverableError
 from bot.events import Incoming, Reply
 from bot.text import clean_incoming, clean_outgoing, split_message
 
@@ -171,13 +171,6 @@ def intents() -> discord.Intents:
 
 
 @dataclass
-class _Progress:
-    """How many parts of one reply are delivered."""
-
-    sent: int = 0
-
-
-@dataclass
 class _Pending:
     """A slash command waiting for the core's answer."""
 
@@ -222,7 +215,6 @@ class DiscordAdapter:
         self._idle.set()
         self._pending: dict[str, _Pending] = {}
         self._members: OrderedDict[tuple[int, int], discord.Member] = OrderedDict()
-        self._progress: OrderedDict[Reply, int] = OrderedDict()  # parts sent before a failure
 
     @property
     def connected(self) -> bool:
@@ -395,71 +387,60 @@ class DiscordAdapter:
             self._pending.pop(key)
 
     # --- outbound ---------------------------------------------------------------------------
-    async def send(self, reply: Reply) -> None:
-        """Deliver every part; if a part fails, a later `send` of the same reply (the
-        pipeline retries) resumes after the parts already delivered instead of repeating them."""
+    def split(self, text: str) -> list[str]:
+        return split_message(clean_outgoing(text), self.max_message_length)
+
+    async def send_part(self, reply: Reply, index: int, part: str) -> str | None:
+        """Deliver one part: to the channel (part 0 as a reply to the trigger), or through the
+        slash command's interaction (its response, then follow-ups). Returns the message id."""
         if self._client is None or self._client.is_closed():
             raise PlatformError("the Discord connection is closed")
-        parts = split_message(clean_outgoing(reply.text), MAX_LENGTH)
-        if not parts:
-            return
-        progress = _Progress(self._progress.pop(reply, 0))
         to_interaction = bool(reply.reply_to and reply.reply_to.startswith(INTERACTION_PREFIX))
-        pending = self._pending.pop(reply.reply_to, None) if to_interaction else None
+        pending = self._pending.get(reply.reply_to) if to_interaction else None  # type: ignore
         if to_interaction and pending is None and reply.private:
             log.info("discord/%s: slash command expired; private answer dropped", reply.channel)
-            return
+            return None
         self._sending += 1
         self._idle.clear()
         try:
             if pending is not None:
-                await self._answer_interaction(pending, parts, reply.private, progress)
-            else:
-                await self._send_to_channel(reply, parts, progress)
-        except Exception as exc:
-            self._progress[reply] = progress.sent
-            while len(self._progress) > 256:
-                self._progress.popitem(last=False)
-            if pending is not None:
-                self._pending[reply.reply_to] = pending  # type: ignore[index]
-            if isinstance(exc, discord.HTTPException):
-                raise PlatformError(f"Discord refused the message ({exc.status}: "
-                                    f"{exc.text[:100]})") from exc
-            raise
+                sent = await self._answer_interaction(pending, part, reply.private)
+                if index == len(self.split(reply.text)) - 1:
+                    self._pending.pop(reply.reply_to, None)  # type: ignore[arg-type]
+                return sent
+            return await self._send_to_channel(reply, index, part)
+        except discord.HTTPException as exc:
+            error = UndeliverableError if exc.status in (403, 404) else PlatformError
+            raise error(f"Discord refused the message ({exc.status}: {exc.text[:100]})") from exc
         finally:
             self._sending -= 1
             if not self._sending:
                 self._idle.set()
 
-    async def _send_to_channel(self, reply: Reply, parts: list[str],
-                               progress: "_Progress") -> None:
+    async def _send_to_channel(self, reply: Reply, index: int, part: str) -> str:
         channel = self._channel(reply.channel)
         reference = None
-        if reply.reply_to and reply.reply_to.isdigit():
+        if index == 0 and reply.reply_to and reply.reply_to.isdigit():
             reference = discord.MessageReference(message_id=int(reply.reply_to),
                                                  channel_id=int(reply.channel),
                                                  fail_if_not_exists=False)
-        while progress.sent < len(parts):
-            await channel.send(parts[progress.sent], allowed_mentions=NO_PINGS,
-                               mention_author=False,
-                               reference=reference if progress.sent == 0 else None)
-            progress.sent += 1
+        message = await channel.send(part, allowed_mentions=NO_PINGS, mention_author=False,
+                                     reference=reference)
+        return str(message.id)
 
-    async def _answer_interaction(self, pending: _Pending, parts: list[str], private: bool,
-                                  progress: "_Progress") -> None:
+    async def _answer_interaction(self, pending: _Pending, part: str,
+                                  private: bool) -> str | None:
         if pending.timer is not None and not pending.deferring:
             pending.timer.cancel()
         async with pending.lock:
             interaction = pending.interaction
             if not interaction.response.is_done():
-                await interaction.response.send_message(parts[progress.sent],
-                                                        ephemeral=private,
+                await interaction.response.send_message(part, ephemeral=private,
                                                         allowed_mentions=NO_PINGS)
-                progress.sent += 1
-            while progress.sent < len(parts):
-                await interaction.followup.send(parts[progress.sent], ephemeral=private,
-                                                allowed_mentions=NO_PINGS)
-                progress.sent += 1
+                return None
+            message = await interaction.followup.send(part, ephemeral=private,
+                                                      allowed_mentions=NO_PINGS, wait=True)
+            return str(message.id)
 
     def _channel(self, channel_id: str) -> Any:
         cid = int(channel_id)

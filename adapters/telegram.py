@@ -35,12 +35,13 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType
-from telegram.error import InvalidToken, NetworkError, TelegramError
+from telegram.error import (BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError,
+                            TelegramError)
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, TypeHandler
 
 from bot.commands import COMMAND_NAMES
 from bot.config import Config
-from bot.errors import ConfigError, PlatformError
+from bot.errors import ConfigError, PlatformError, UndeliverableError
 from bot.events import Incoming, Reply
 from bot.logs import RedactingFilter
 from bot.text import clean_incoming, clean_outgoing, split_message
@@ -171,6 +172,21 @@ def split_for_telegram(text: str, limit: int = MAX_LENGTH, chars: int | None = N
     return parts
 
 
+class TypingOutsideBudget(AIORateLimiter):
+    """PTB's `AIORateLimiter` (30 messages/s overall, 20/min per group, 429s waited out),
+    except that chat actions ("typing...") do not count against those budgets: Telegram's
+    limits are about messages, and a typing status renewed every few seconds in a busy group
+    would otherwise use up the group's 20 per minute and make the replies wait behind it.
+    A 429 on a chat action is still waited out and retried."""
+
+    async def process_request(self, callback, args, kwargs, endpoint, data,  # noqa: ANN001
+                              rate_limit_args):  # noqa: ANN001
+        if endpoint == "sendChatAction":
+            data = {k: v for k, v in data.items() if k != "chat_id"}  # no chat: no budget
+        return await super().process_request(callback, args, kwargs, endpoint, data,
+                                             rate_limit_args)
+
+
 class TelegramAdapter:
     """The `bot.ports.Adapter` for Telegram (see the module docstring)."""
 
@@ -197,7 +213,7 @@ class TelegramAdapter:
         assert self.config.telegram_token is not None
         builder = (ApplicationBuilder()
                    .token(self.config.telegram_token.get_secret_value())
-                   .rate_limiter(AIORateLimiter(max_retries=MAX_RETRIES))
+                   .rate_limiter(TypingOutsideBudget(max_retries=MAX_RETRIES))
                    # a spare connection: a long poll torn down mid-flight can leave the
                    # only one checked out ("Pool timeout" on the next getUpdates)
                    .get_updates_connection_pool_size(2))
@@ -306,23 +322,28 @@ class TelegramAdapter:
             raise PlatformError("telegram: adapter is not running")
         return self._app.bot
 
-    async def send(self, reply: Reply) -> None:
+    def split(self, text: str) -> list[str]:
+        return split_for_telegram(clean_outgoing(text), self.max_message_length)
+
+    async def send_part(self, reply: Reply, index: int, part: str) -> str | None:
+        """One plain-text message (part 0 replies to the trigger); returns its message id."""
         bot = self._bot()
-        parts = split_for_telegram(clean_outgoing(reply.text))
-        if not parts:
-            log.debug("telegram/%s: nothing to send", reply.channel)
-            return
-        for number, part in enumerate(parts):
-            target = None
-            if number == 0 and reply.reply_to and reply.reply_to.isdigit():
-                target = ReplyParameters(int(reply.reply_to), allow_sending_without_reply=True)
-            try:
-                await bot.send_message(
-                    chat_id=int(reply.channel), text=part, parse_mode=None,
-                    reply_parameters=target,
-                    link_preview_options=LinkPreviewOptions(is_disabled=True))
-            except TelegramError as exc:
-                raise PlatformError(f"telegram: send failed: {_describe(exc)}") from None
+        target = None
+        if index == 0 and reply.reply_to and reply.reply_to.isdigit():
+            target = ReplyParameters(int(reply.reply_to), allow_sending_without_reply=True)
+        try:
+            message = await bot.send_message(
+                chat_id=int(reply.channel), text=part, parse_mode=None, reply_parameters=target,
+                link_preview_options=LinkPreviewOptions(is_disabled=True))
+        except (Forbidden, ChatMigrated) as exc:
+            raise UndeliverableError(f"telegram: {_describe(exc)}") from None
+        except BadRequest as exc:
+            if "chat not found" in exc.message.lower():
+                raise UndeliverableError(f"telegram: {_describe(exc)}") from None
+            raise PlatformError(f"telegram: send failed: {_describe(exc)}") from None
+        except TelegramError as exc:
+            raise PlatformError(f"telegram: send failed: {_describe(exc)}") from None
+        return str(message.message_id)
 
     async def is_admin(self, event: Incoming) -> bool:
         if event.is_direct:

@@ -130,10 +130,14 @@ class App:
                 self._started.append(part)
             for adapter in self.adapters:
                 self.pipeline.attach(adapter)
+            # what the last run left (the outbox, unanswered messages) is claimed before the
+            # adapters deliver anything new; its sends start once they run
+            await self.pipeline.recover(self.config.recover_window)
+            for adapter in self.adapters:
                 await adapter.start(self.pipeline)
                 self._started.append(adapter)
                 log.info("%s adapter running", adapter.name)
-            await self.pipeline.recover(self.config.recover_window)
+            self.pipeline.start_delivering()
         except BaseException:
             await self.stop()
             raise

@@ -8,12 +8,14 @@ platform says (chat administrator, Manage Messages); in a direct message the use
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from bot.config import Config
+from bot.conversation import Conversation
 from bot.events import DECODING_FIELDS, DecodingSettings, Incoming
 from bot.ports import Generator, Store
 from bot.rankers import parse_rankers
@@ -56,11 +58,24 @@ def _field_validator(name: str) -> TypeAdapter:
     return TypeAdapter(field.annotation)
 
 
+class Control(Protocol):
+    """What commands need from the pipeline (`bot.pipeline.Pipeline`)."""
+
+    def conversation_for(self, event: Incoming) -> Conversation: ...
+
+    def exclusive(self, key: str, affects: Callable[[Any], bool]
+                  ) -> AbstractAsyncContextManager[None]:
+        """Invalidate the generations in flight that `affects` selects (an `Inflight` with
+        `conversation` and `authors`), then hold the conversation lock `key`."""
+        ...
+
+
 class Commands:
-    def __init__(self, config: Config, store: Store, generator: Generator):
+    def __init__(self, config: Config, store: Store, generator: Generator, control: Control):
         self.config = config
         self.store = store
         self.generator = generator
+        self.control = control
         self._validators = {name: _field_validator(name) for name in DECODING_FIELDS}
         self.rankers = ", ".join(map(str, parse_rankers(config.rankers))) or "none"
 
@@ -83,13 +98,23 @@ class Commands:
             if not await may_administer():
                 return CommandResult("Only admins of this chat can reset its conversation.",
                                      refused=True)
-            removed = await self.store.reset(event.platform, event.channel)
-            self.generator.forget_channel(event.channel_key)
+            here = event.channel_key
+            async with self.control.exclusive(self.control.conversation_for(event).key,
+                                              lambda f: f.conversation.channel_key == here):
+                removed = await self.store.reset(event.platform, event.channel)
+                self.generator.forget_channel(here)
             return CommandResult(f"Done: I've forgotten this chat's conversation "
                                  f"({removed} message{'s' * (removed != 1)}).")
         if command.name == "forget":
-            removed = await self.store.forget(event.platform, event.author_id)
-            self.generator.forget_channel(event.channel_key)
+            def mine(flight: Any) -> bool:
+                return (flight.conversation.platform == event.platform
+                        and event.author_id in flight.authors)
+
+            async with self.control.exclusive(self.control.conversation_for(event).key, mine):
+                gone = await self.store.forget(event.platform, event.author_id)
+                for channel in {*gone.channels, event.channel}:
+                    self.generator.forget_channel(f"{event.platform}:{channel}")
+            removed = gone.removed
             return CommandResult(f"Done: I deleted {removed} of your message"
                                  f"{'s' * (removed != 1)} and my replies to them.")
         if command.name == "settings":
@@ -104,17 +129,18 @@ class Commands:
         if not await may_administer():
             return CommandResult("Only admins of this chat can change its settings.",
                                  refused=True)
-        if args.strip().lower() in ("default", "defaults", "reset"):
-            await self.store.set_settings(event.platform, event.channel, {})
-            self.generator.forget_channel(event.channel_key)
-            return CommandResult("Settings are back to the defaults.\n" + self.describe({}))
+        clear = args.strip().lower() in ("default", "defaults", "reset")
         try:
-            changes = self.parse_changes(args)
+            changes = {} if clear else self.parse_changes(args)
         except ValueError as exc:
             return CommandResult(str(exc), refused=True)
-        merged = {**current, **changes}
-        await self.store.set_settings(event.platform, event.channel, merged)
-        self.generator.forget_channel(event.channel_key)
+        async with self.control.exclusive(self.control.conversation_for(event).key,
+                                          lambda f: False):
+            merged = await self.store.update_settings(event.platform, event.channel, changes,
+                                                      clear=clear)
+            self.generator.forget_channel(event.channel_key)
+        if clear:
+            return CommandResult("Settings are back to the defaults.\n" + self.describe({}))
         return CommandResult("Settings updated.\n" + self.describe(merged))
 
     def parse_changes(self, args: str) -> dict[str, Any]:

@@ -86,6 +86,10 @@ class Config(BaseSettings):
     recover_window: float = Field(300.0, ge=0, description=(
         "After a restart, answer messages left unanswered this many seconds ago or less; "
         "older ones are skipped. 0 = skip all."))
+    claim_lease: float = Field(30.0, ge=1, le=3600, description=(
+        "Seconds a message being answered (or a reply being sent) stays claimed by this "
+        "instance unless renewed; another instance (or the next start) takes over a claim "
+        "that ran out. Renewed every third of it while the work goes on."))
     shutdown_timeout: float = Field(30.0, ge=0, le=600, description=(
         "On SIGTERM/SIGINT, seconds to let replies in flight finish before they are abandoned."))
     send_retries: int = Field(3, ge=0, le=10, description=(

@@ -29,3 +29,8 @@ class StoreError(BotError):
 
 class PlatformError(BotError):
     """A platform adapter could not deliver or start."""
+
+
+class UndeliverableError(PlatformError):
+    """The platform refused a message for good (chat gone, bot blocked or kicked): retrying
+    cannot help."""

@@ -96,7 +96,9 @@ class TurnState(str, Enum):
     PENDING = "pending"  # a user turn waiting for its reply
     ANSWERED = "answered"
     SKIPPED = "skipped"  # too old to answer after a restart, or abandoned
-    DONE = "done"  # bot turns
+    SENDING = "sending"  # a bot turn stored, not yet confirmed by the platform (the outbox)
+    DONE = "done"  # a bot turn the platform confirmed (every part)
+    FAILED = "failed"  # a bot turn the platform refused for good (or too old to resend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,10 @@ class Turn:
 
     token_ids: for bot turns, the ids the model generated (without the end-of-text token), so
     the next prompt holds exactly what the model saw; None = encode `text`.
+    conversation: the conversation inside the channel ("u:<author id>" for a user's turns and
+    the bot's answers to them; see `bot.conversation`).
+    seq: conversation order (set by the store: a user turn's own id, a bot turn's = the seq of
+    the turn it answers); turns are listed by (seq, id).
     """
 
     platform: str
@@ -119,11 +125,35 @@ class Turn:
     state: TurnState = TurnState.DONE
     created_at: datetime = field(default_factory=utcnow)
     id: int | None = None
+    conversation: str = ""
+    seq: int | None = None
 
     @classmethod
     def from_event(cls, event: Incoming, state: TurnState = TurnState.PENDING) -> "Turn":
         return cls(event.platform, event.channel, Role.USER, event.text, event.author_id,
-                   event.author_name, event.message_id, state=state, created_at=event.time)
+                   event.author_name, event.message_id, state=state, created_at=event.time,
+                   conversation=f"u:{event.author_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What /forget removed: the user's messages (count) and the channels they were in."""
+
+    removed: int
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A bot turn in the outbox: stored, not yet confirmed by the platform.
+
+    sent: the platform message ids of the parts already delivered (they are not sent again);
+    reply_to: the platform message id of the user message it answers (None if gone).
+    """
+
+    turn: Turn
+    sent: tuple[str, ...]
+    reply_to: str | None
 
 
 @dataclass(frozen=True, slots=True)

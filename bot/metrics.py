@@ -117,7 +117,8 @@ class TimedStore:
     """A `bot.ports.Store` that reports each call's latency to `metrics.database`."""
 
     _TIMED = ("append", "add_reply", "recent", "reset", "forget", "count", "pending", "mark",
-              "get_settings", "set_settings")
+              "get_settings", "set_settings", "update_settings", "claim", "renew", "release",
+              "unclaimed", "claim_outbox", "confirm_part", "sent_ids", "claim_owners")
 
     def __init__(self, inner: Any, metrics: Metrics):
         self.inner = inner

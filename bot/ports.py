@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from bot.events import Generated, GenerationRequest, Incoming, Reply, Turn
+from bot.events import (Forgotten, Generated, GenerationRequest, Incoming, Outgoing, Reply,
+                        Turn)
 
 if TYPE_CHECKING:
     from bot.pipeline import Pipeline
@@ -23,16 +24,23 @@ class Adapter(Protocol):
     - `name` is the platform name put in every `Incoming.platform` it produces.
     - `start(pipeline)` connects and begins delivering events with `pipeline.submit(event)`
       (each event then runs in its own task); it returns once the adapter is running.
-    - `stop()` stops intake, lets `send` calls in flight finish, and disconnects. Idempotent.
-    - `send(reply)` delivers the text as inert plain text (no markup, no pings), split to
-      `max_message_length`, as a reply to `reply.reply_to` where the platform supports it;
-      it waits out platform rate limits (429 retry-after) rather than failing.
+    - `stop()` stops intake, lets `send_part` calls in flight finish, and disconnects.
+      Idempotent.
+    - `split(text)` is the text as the platform will show it (inert plain text: no markup, no
+      pings), cut into parts within `max_message_length`. Pure and deterministic: the same text
+      always gives the same parts, so a reply interrupted after some parts resumes where it
+      stopped, even after a restart.
+    - `send_part(reply, index, part)` delivers one part (part 0 as a reply to `reply.reply_to`
+      where the platform supports it) and returns the platform's id of the message it created
+      (None where the platform gives none). It waits out platform rate limits (429
+      retry-after) rather than failing; it raises `UndeliverableError` when the platform
+      refuses for good (chat gone, bot blocked) and any other error when a retry may work.
     - `is_admin(event)` says whether the author may administer the event's channel on the
       platform (chat admin, Manage Messages). Configured admin ids are checked by the core.
     - `typing(event)` is an async context manager that shows "typing..." until it exits.
     - `rate_limited` is False only for a local console: inbound limits do not apply.
     - `outbound_rate` is (messages, seconds) per channel the core paces replies to before
-      calling `send`, or None when the platform library already paces (PTB AIORateLimiter).
+      each part, or None when the platform library already paces.
     """
 
     name: str
@@ -44,7 +52,9 @@ class Adapter(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def send(self, reply: Reply) -> None: ...
+    def split(self, text: str) -> list[str]: ...
+
+    async def send_part(self, reply: Reply, index: int, part: str) -> str | None: ...
 
     async def is_admin(self, event: Incoming) -> bool: ...
 
@@ -52,12 +62,15 @@ class Adapter(Protocol):
 
 
 class Store(Protocol):
-    """Per-channel conversation history and per-channel settings, keyed by (platform, channel).
+    """Conversation history, claims, the outbox and per-channel settings, keyed by
+    (platform, channel[, conversation]). `storage.store.SQLAlchemyStore` documents each method.
 
     Contract: every method commits before it returns (a turn appended is durable); `recent`
-    returns turns oldest first; `forget` removes one user's turns on one platform in every
-    channel, together with the bot turns that answered them; `reset` removes a channel's
-    turns (and keeps its settings). Errors surface as `bot.errors.StoreError`.
+    returns turns in conversation order (by seq, then id), oldest first; `forget` removes one
+    user's turns on one platform in every channel, together with the bot turns that answered
+    them; `reset` removes a channel's (or one conversation's) turns and keeps its settings;
+    `claim` is atomic across instances; `add_reply` stores nothing when what it answers
+    changed meanwhile. Errors surface as `bot.errors.StoreError`.
     """
 
     async def start(self) -> None: ...
@@ -66,27 +79,49 @@ class Store(Protocol):
 
     async def append(self, turn: Turn) -> Turn: ...
 
-    async def add_reply(self, reply: Turn, answers: Sequence[int]) -> Turn:
-        """Append a bot turn and mark the user turns it answers ANSWERED, in one transaction."""
-        ...
+    async def add_reply(self, reply: Turn, answers: Sequence[int], *, owner: str | None = None,
+                        context: Sequence[int] = (), lease: float = 0.0) -> Turn: ...
 
-    async def recent(self, platform: str, channel: str, limit: int) -> list[Turn]: ...
+    async def recent(self, platform: str, channel: str, limit: int,
+                     conversation: str | None = None, until_seq: int | None = None
+                     ) -> list[Turn]: ...
 
-    async def reset(self, platform: str, channel: str) -> int: ...
+    async def reset(self, platform: str, channel: str,
+                    conversation: str | None = None) -> int: ...
 
-    async def forget(self, platform: str, author_id: str) -> int: ...
+    async def forget(self, platform: str, author_id: str) -> Forgotten: ...
 
     async def count(self, platform: str | None = None, channel: str | None = None) -> int: ...
 
-    async def pending(self) -> list[Turn]:
-        """Every user turn still PENDING (never answered nor skipped), oldest first."""
-        ...
+    async def pending(self) -> list[Turn]: ...
 
     async def mark(self, turn_ids: Sequence[int], state: str) -> None: ...
+
+    async def claim_owners(self) -> list[str]: ...
+
+    async def claim(self, platform: str, channel: str, conversation: str | None, owner: str,
+                    lease: float, *, dead: Sequence[str] = ()) -> list[Turn]: ...
+
+    async def renew(self, turn_ids: Sequence[int], owner: str, lease: float) -> int: ...
+
+    async def release(self, turn_ids: Sequence[int], owner: str) -> None: ...
+
+    async def unclaimed(self, platforms: Sequence[str], older_than: float = 0.0, *,
+                        dead: Sequence[str] = ()) -> list[Turn]: ...
+
+    async def claim_outbox(self, platforms: Sequence[str], owner: str, lease: float,
+                           older_than: float = 0.0, *, dead: Sequence[str] = ()
+                           ) -> list[Outgoing]: ...
+
+    async def confirm_part(self, turn_id: int, part: int, message_id: str, *,
+                           last: bool) -> None: ...
 
     async def get_settings(self, platform: str, channel: str) -> dict[str, Any]: ...
 
     async def set_settings(self, platform: str, channel: str, values: dict[str, Any]) -> None: ...
+
+    async def update_settings(self, platform: str, channel: str, changes: dict[str, Any], *,
+                              clear: bool = False) -> dict[str, Any]: ...
 
 
 class Generator(Protocol):

@@ -1,4 +1,5 @@
-"""Database schema: the `turns` history and per-channel `channel_settings`.
+"""Database schema: the `turns` history (with claims and the outbox state), `sent_parts` (the
+platform ids of every delivered part of a bot turn) and per-channel `channel_settings`.
 
 These tables are private to `storage/`: rows are turned into `bot.events.Turn` values before
 they leave it. The schema is created by the Alembic migrations in `storage/migrations`; keep
@@ -74,6 +75,12 @@ turns = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("platform", String(32), nullable=False),
     Column("channel", String(128), nullable=False),
+    # the conversation inside the channel a turn belongs to: "u:<author id>" for a user's turn
+    # and the bot's answers to it (bot.conversation), "" where nobody in particular
+    Column("conversation", String(160), nullable=False, server_default=""),
+    # conversation order: a user turn's own id; a bot turn's = the seq of the last user turn
+    # it answers, so a reply sorts right after what it answers (ties: by id)
+    Column("seq", BigId, nullable=False),
     Column("role", String(16), nullable=False),
     Column("text", Text, nullable=False),
     Column("author_id", String(128), nullable=False),
@@ -83,11 +90,30 @@ turns = Table(
     # the user turn a bot turn answers; deleting that turn deletes the answer too
     Column("in_reply_to", BigId, ForeignKey("turns.id", ondelete="CASCADE"), nullable=True),
     Column("state", String(16), nullable=False),
+    # exactly once: the instance answering (or sending) this turn, and until when its claim
+    # holds unless renewed; an expired claim may be taken over
+    Column("claimed_by", String(80), nullable=True),
+    Column("claim_until", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
-    Index(None, "platform", "channel", "id"),
+    Index(None, "platform", "channel", "seq", "id"),
+    Index(None, "platform", "channel", "conversation", "seq", "id"),
+    Index(None, "platform", "channel", "message_id"),
     Index(None, "platform", "author_id"),
     Index(None, "state"),
     Index(None, "in_reply_to"),
+)
+
+# the outbox's receipts: one row per part of a bot turn the platform confirmed, with the
+# platform's message id (a reply is "sending" until every part has one)
+sent_parts = Table(
+    "sent_parts", metadata,
+    Column("turn_id", BigId, ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True),
+    Column("part", Integer, primary_key=True),
+    Column("platform", String(32), nullable=False),
+    Column("channel", String(128), nullable=False),
+    Column("message_id", String(128), nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+    Index(None, "platform", "channel", "message_id"),
 )
 
 channel_settings = Table(

@@ -23,20 +23,20 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, TypeVar
 from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import delete, event, func, insert, select, text, update
+from sqlalchemy import delete, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import URL, Connection, Row, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bot.errors import StoreError
-from bot.events import Role, Turn, TurnState
-from storage.models import UTCDateTime, channel_settings, turns
+from bot.events import Forgotten, Outgoing, Role, Turn, TurnState, utcnow
+from storage.models import UTCDateTime, channel_settings, sent_parts, turns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,47 +181,112 @@ class SQLAlchemyStore:
 
     # --- history --------------------------------------------------------------------------
     async def append(self, turn: Turn) -> Turn:
+        """Store a turn. A user turn's seq is its own id; a bot turn's, unless given, the seq of
+        the turn it answers (or its own id). A user turn whose platform message id is already
+        stored in that channel (the platform delivered it again, e.g. after a restart) is not
+        stored twice: the stored turn comes back."""
         values = self._values(turn)
+        known = (turn.role is Role.USER and turn.message_id is not None)
 
-        async def work(conn: AsyncConnection) -> int:
-            result = await conn.execute(insert(turns).values(**values))
-            return int(result.inserted_primary_key[0])
+        async def work(conn: AsyncConnection) -> tuple[int, int] | Turn:
+            if known:
+                row = (await conn.execute(select(turns).where(
+                    turns.c.platform == turn.platform, turns.c.channel == turn.channel,
+                    turns.c.message_id == turn.message_id, turns.c.role == Role.USER.value)
+                    .limit(1))).first()
+                if row is not None:
+                    return self._turn(row)
+            result = await conn.execute(insert(turns).values(**values, seq=turn.seq or 0))
+            new_id = int(result.inserted_primary_key[0])
+            seq = turn.seq
+            if seq is None and turn.in_reply_to is not None and turn.role is Role.BOT:
+                seq = await conn.scalar(select(turns.c.seq).where(turns.c.id == turn.in_reply_to))
+            seq = int(seq) if seq is not None else new_id
+            await conn.execute(update(turns).where(turns.c.id == new_id).values(seq=seq))
+            return new_id, seq
 
-        new_id = await self._run("append", work)
-        return replace(turn, id=new_id, created_at=values["created_at"])
+        stored = await self._run("append", work)
+        if isinstance(stored, Turn):
+            log.info("%s/%s: message %s was delivered again; it is stored once", turn.platform,
+                     turn.channel, turn.message_id)
+            return stored
+        new_id, seq = stored
+        return replace(turn, id=new_id, seq=seq, created_at=values["created_at"])
 
-    async def add_reply(self, reply: Turn, answers: Sequence[int]) -> Turn:
+    async def add_reply(self, reply: Turn, answers: Sequence[int], *, owner: str | None = None,
+                        context: Sequence[int] = (), lease: float = 0.0) -> Turn:
         """Append a bot turn and mark the user turns it answers ANSWERED, in one transaction.
 
-        The reply's `in_reply_to` is the last of `answers`. If that turn no longer exists
-        (/reset or /forget ran while the reply was generated) nothing is stored and the reply
-        comes back with `id` None.
+        The reply's `in_reply_to` is the last of `answers` and its seq that turn's seq (it sorts
+        right after it). Nothing is stored, and the reply comes back with `id` None, when
+        - a turn of `answers` or of `context` (the turns its prompt was built from) no longer
+          exists (/reset or /forget ran while the reply was generated), or
+        - `owner` is given and a turn of `answers` is no longer PENDING and claimed by `owner`
+          (its claim expired and another instance took it over, or it was answered already).
+        With `owner` and `lease`, the new bot turn is claimed by `owner` for `lease` seconds
+        (a reply in state SENDING is then not resent by anyone else while it is delivered).
         """
         answered = [int(i) for i in answers]
+        needed = sorted(set(answered) | {int(i) for i in context})
         target = answered[-1] if answered else None
         values = self._values(reply) | {"in_reply_to": target}
+        if owner is not None and lease > 0:
+            values |= {"claimed_by": owner, "claim_until": utcnow() + timedelta(seconds=lease)}
 
-        async def work(conn: AsyncConnection) -> int | None:
-            if target is not None:
-                still_there = await conn.scalar(select(turns.c.id).where(turns.c.id == target))
-                if still_there is None:
+        async def work(conn: AsyncConnection) -> tuple[int, int] | None:
+            seq = None
+            if needed:
+                found = await self._count_ids(conn, needed)
+                if found != len(needed):
                     return None
-                await conn.execute(update(turns)
-                                   .where(turns.c.id.in_(answered), turns.c.role == Role.USER.value)
-                                   .values(state=TurnState.ANSWERED.value))
-            result = await conn.execute(insert(turns).values(**values))
-            return int(result.inserted_primary_key[0])
+            if target is not None:
+                seq = await conn.scalar(select(turns.c.seq).where(turns.c.id == target))
+                mine = (turns.c.id.in_(answered), turns.c.role == Role.USER.value)
+                if owner is not None:
+                    still = await conn.scalar(select(func.count()).select_from(turns).where(
+                        *mine, turns.c.state == TurnState.PENDING.value,
+                        turns.c.claimed_by == owner))
+                    if int(still or 0) != len(set(answered)):
+                        return None
+                await conn.execute(update(turns).where(*mine).values(
+                    state=TurnState.ANSWERED.value, claimed_by=None, claim_until=None))
+            result = await conn.execute(insert(turns).values(**values, seq=seq or 0))
+            new_id = int(result.inserted_primary_key[0])
+            if seq is None:
+                seq = new_id
+                await conn.execute(update(turns).where(turns.c.id == new_id).values(seq=seq))
+            return new_id, int(seq)
 
-        new_id = await self._run("add_reply", work)
-        if new_id is None:
-            log.info("reply not stored: the turn it answers was deleted meanwhile")
-        return replace(reply, id=new_id, in_reply_to=target, created_at=values["created_at"])
+        stored = await self._run("add_reply", work)
+        if stored is None:
+            log.info("reply not stored: what it answers changed meanwhile")
+            return replace(reply, id=None, in_reply_to=target)
+        return replace(reply, id=stored[0], seq=stored[1], in_reply_to=target,
+                       created_at=values["created_at"])
 
-    async def recent(self, platform: str, channel: str, limit: int) -> list[Turn]:
+    @staticmethod
+    async def _count_ids(conn: AsyncConnection, ids: Sequence[int]) -> int:
+        found = 0
+        for start in range(0, len(ids), 500):
+            found += int(await conn.scalar(select(func.count()).select_from(turns).where(
+                turns.c.id.in_(ids[start:start + 500]))) or 0)
+        return found
+
+    async def recent(self, platform: str, channel: str, limit: int,
+                     conversation: str | None = None, until_seq: int | None = None
+                     ) -> list[Turn]:
+        """The newest `limit` turns of the channel (or of one conversation in it), in
+        conversation order (by seq, then id), oldest first; with `until_seq`, only turns up
+        to that seq (what came before a message and the replies to it)."""
         if limit <= 0:
             return []
-        query = (select(turns).where(turns.c.platform == platform, turns.c.channel == channel)
-                 .order_by(turns.c.id.desc()).limit(limit))
+        where = [turns.c.platform == platform, turns.c.channel == channel]
+        if conversation is not None:
+            where.append(turns.c.conversation == conversation)
+        if until_seq is not None:
+            where.append(turns.c.seq <= until_seq)
+        query = (select(turns).where(*where)
+                 .order_by(turns.c.seq.desc(), turns.c.id.desc()).limit(limit))
 
         async def work(conn: AsyncConnection) -> list[Turn]:
             rows = (await conn.execute(query)).all()
@@ -229,8 +294,11 @@ class SQLAlchemyStore:
 
         return await self._run("recent", work, write=False)
 
-    async def reset(self, platform: str, channel: str) -> int:
-        here = (turns.c.platform == platform, turns.c.channel == channel)
+    async def reset(self, platform: str, channel: str, conversation: str | None = None) -> int:
+        """Remove the channel's turns (or one conversation's); settings stay."""
+        here = [turns.c.platform == platform, turns.c.channel == channel]
+        if conversation is not None:
+            here.append(turns.c.conversation == conversation)
 
         async def work(conn: AsyncConnection) -> int:
             # answers first: rows removed by ON DELETE CASCADE are not counted by SQLite
@@ -240,16 +308,20 @@ class SQLAlchemyStore:
 
         return await self._run("reset", work)
 
-    async def forget(self, platform: str, author_id: str) -> int:
+    async def forget(self, platform: str, author_id: str) -> Forgotten:
+        """Delete one user's turns on one platform, in every channel, and the bot turns that
+        answered them; says how many of their messages went and in which channels."""
         mine = (turns.c.platform == platform, turns.c.author_id == author_id,
                 turns.c.role == Role.USER.value)
         their_ids = select(turns.c.id).where(*mine)
         their_answers = delete(turns).where(turns.c.platform == platform,
                                             turns.c.in_reply_to.in_(their_ids))
 
-        async def work(conn: AsyncConnection) -> int:
+        async def work(conn: AsyncConnection) -> Forgotten:
+            channels = (await conn.execute(select(turns.c.channel).where(*mine).distinct())).all()
             await conn.execute(their_answers)
-            return await self._rowcount(conn, delete(turns).where(*mine))
+            removed = await self._rowcount(conn, delete(turns).where(*mine))
+            return Forgotten(removed, tuple(sorted(row[0] for row in channels)))
 
         return await self._run("forget", work)
 
@@ -277,6 +349,7 @@ class SQLAlchemyStore:
         return await self._run("pending", work, write=False)
 
     async def mark(self, turn_ids: Sequence[int], state: str) -> None:
+        """Set the state of these turns (and drop their claims)."""
         try:
             value = TurnState(state).value
         except ValueError:
@@ -288,9 +361,154 @@ class SQLAlchemyStore:
         async def work(conn: AsyncConnection) -> None:
             for start in range(0, len(ids), 500):
                 await conn.execute(update(turns).where(turns.c.id.in_(ids[start:start + 500]))
-                                   .values(state=value))
+                                   .values(state=value, claimed_by=None, claim_until=None))
 
         await self._run("mark", work)
+
+    # --- exactly once: claims -----------------------------------------------------------
+    @staticmethod
+    def _claimable(now: datetime, dead: Sequence[str] = ()) -> Any:
+        """Nobody holds it: unclaimed, the claim expired, or its owner is known dead."""
+        free = [turns.c.claimed_by.is_(None), turns.c.claim_until < now]
+        if dead:
+            free.append(turns.c.claimed_by.in_(list(dead)))
+        return or_(*free)
+
+    async def claim_owners(self) -> list[str]:
+        """The owners of live claims on pending or sending turns (for dead-owner checks)."""
+        query = (select(turns.c.claimed_by).where(
+            turns.c.claimed_by.is_not(None), turns.c.claim_until >= utcnow(),
+            turns.c.state.in_([TurnState.PENDING.value, TurnState.SENDING.value])).distinct())
+
+        async def work(conn: AsyncConnection) -> list[str]:
+            return sorted(row[0] for row in (await conn.execute(query)).all())
+
+        return await self._run("claim_owners", work, write=False)
+
+    async def claim(self, platform: str, channel: str, conversation: str | None, owner: str,
+                    lease: float, *, dead: Sequence[str] = ()) -> list[Turn]:
+        """Claim, atomically, every PENDING user turn of the channel (or of one conversation
+        in it) that nobody holds (unclaimed, expired, or held by one of the `dead` owners)
+        for `lease` seconds; returns the claimed turns in conversation order. Two claims at
+        once (tasks or instances) never both get a turn."""
+        now = utcnow()
+        where = [turns.c.platform == platform, turns.c.channel == channel,
+                 turns.c.role == Role.USER.value, turns.c.state == TurnState.PENDING.value]
+        if conversation is not None:
+            where.append(turns.c.conversation == conversation)
+        until = now + timedelta(seconds=lease)
+
+        async def work(conn: AsyncConnection) -> list[Turn]:
+            await conn.execute(update(turns).where(*where, self._claimable(now, dead))
+                               .values(claimed_by=owner, claim_until=until))
+            rows = (await conn.execute(select(turns).where(
+                *where, turns.c.claimed_by == owner, turns.c.claim_until == until)
+                .order_by(turns.c.seq, turns.c.id))).all()
+            return [self._turn(row) for row in rows]
+
+        return await self._run("claim", work)
+
+    async def renew(self, turn_ids: Sequence[int], owner: str, lease: float) -> int:
+        """Extend `owner`'s claims on these turns; returns how many are still its own."""
+        ids = [int(i) for i in turn_ids]
+        if not ids:
+            return 0
+        until = utcnow() + timedelta(seconds=lease)
+
+        async def work(conn: AsyncConnection) -> int:
+            return await self._rowcount(conn, update(turns).where(
+                turns.c.id.in_(ids), turns.c.claimed_by == owner).values(claim_until=until))
+
+        return await self._run("renew", work)
+
+    async def release(self, turn_ids: Sequence[int], owner: str) -> None:
+        """Drop `owner`'s claims on these turns (they may be claimed again at once)."""
+        ids = [int(i) for i in turn_ids]
+        if not ids:
+            return
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(update(turns).where(turns.c.id.in_(ids), turns.c.claimed_by == owner)
+                               .values(claimed_by=None, claim_until=None))
+
+        await self._run("release", work)
+
+    async def unclaimed(self, platforms: Sequence[str], older_than: float = 0.0, *,
+                        dead: Sequence[str] = ()) -> list[Turn]:
+        """PENDING user turns on these platforms that nobody holds (unclaimed or expired),
+        stored at least `older_than` seconds ago, oldest first: what recovery answers."""
+        now = utcnow()
+        query = (select(turns).where(
+            turns.c.role == Role.USER.value, turns.c.state == TurnState.PENDING.value,
+            turns.c.platform.in_(list(platforms)), self._claimable(now, dead),
+            turns.c.created_at <= now - timedelta(seconds=older_than))
+            .order_by(turns.c.id))
+
+        async def work(conn: AsyncConnection) -> list[Turn]:
+            return [self._turn(row) for row in (await conn.execute(query)).all()]
+
+        return await self._run("unclaimed", work, write=False)
+
+    # --- the outbox ---------------------------------------------------------------------
+    async def claim_outbox(self, platforms: Sequence[str], owner: str, lease: float,
+                           older_than: float = 0.0, *, dead: Sequence[str] = ()
+                           ) -> list[Outgoing]:
+        """Claim the bot turns still SENDING on these platforms that nobody holds, stored at
+        least `older_than` seconds ago; each with the platform ids of the parts already
+        delivered and the message it replies to."""
+        now = utcnow()
+        where = (turns.c.role == Role.BOT.value, turns.c.state == TurnState.SENDING.value,
+                 turns.c.platform.in_(list(platforms)),
+                 turns.c.created_at <= now - timedelta(seconds=older_than))
+        until = now + timedelta(seconds=lease)
+        answered = turns.alias("answered")
+
+        async def work(conn: AsyncConnection) -> list[Outgoing]:
+            await conn.execute(update(turns).where(*where, self._claimable(now, dead))
+                               .values(claimed_by=owner, claim_until=until))
+            rows = (await conn.execute(
+                select(turns, answered.c.message_id.label("reply_to"))
+                .select_from(turns.outerjoin(answered, answered.c.id == turns.c.in_reply_to))
+                .where(*where, turns.c.claimed_by == owner, turns.c.claim_until == until)
+                .order_by(turns.c.id))).all()
+            out = []
+            for row in rows:
+                parts = (await conn.execute(select(sent_parts.c.message_id)
+                                            .where(sent_parts.c.turn_id == row.id)
+                                            .order_by(sent_parts.c.part))).all()
+                out.append(Outgoing(self._turn(row), tuple(p[0] for p in parts), row.reply_to))
+            return out
+
+        return await self._run("claim_outbox", work)
+
+    async def confirm_part(self, turn_id: int, part: int, message_id: str, *,
+                           last: bool) -> None:
+        """Record that the platform confirmed part `part` of bot turn `turn_id` under
+        `message_id`; with `last`, the turn leaves the outbox (state DONE)."""
+
+        async def work(conn: AsyncConnection) -> None:
+            row = (await conn.execute(select(turns.c.platform, turns.c.channel)
+                                      .where(turns.c.id == turn_id))).first()
+            if row is None:
+                return  # reset or forgotten meanwhile
+            await conn.execute(insert(sent_parts).values(
+                turn_id=turn_id, part=part, platform=row.platform, channel=row.channel,
+                message_id=str(message_id), sent_at=utcnow()))
+            if last:
+                await conn.execute(update(turns).where(turns.c.id == turn_id).values(
+                    state=TurnState.DONE.value, claimed_by=None, claim_until=None))
+
+        await self._run("confirm_part", work)
+
+    async def sent_ids(self, turn_id: int) -> list[str]:
+        """The platform message ids of the delivered parts of a bot turn, in order."""
+        query = (select(sent_parts.c.message_id).where(sent_parts.c.turn_id == turn_id)
+                 .order_by(sent_parts.c.part))
+
+        async def work(conn: AsyncConnection) -> list[str]:
+            return [row[0] for row in (await conn.execute(query)).all()]
+
+        return await self._run("sent_ids", work, write=False)
 
     # --- settings -------------------------------------------------------------------------
     async def get_settings(self, platform: str, channel: str) -> dict[str, Any]:
@@ -321,13 +539,49 @@ class SQLAlchemyStore:
 
         await self._run("set_settings", work)
 
+    async def update_settings(self, platform: str, channel: str, changes: dict[str, Any], *,
+                              clear: bool = False) -> dict[str, Any]:
+        """Merge `changes` into the channel's settings atomically (a key set to None is
+        removed; `clear` starts from nothing) and return the result. Two admins changing
+        different settings at once both keep their change: the read and the write happen in
+        one transaction holding the row (SQLite: BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE)."""
+        key = (channel_settings.c.platform == platform, channel_settings.c.channel == channel)
+        try:
+            json.dumps(dict(changes), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"update_settings: values are not JSON: {exc}") from None
+
+        async def work(conn: AsyncConnection) -> dict[str, Any]:
+            query = select(_SETTINGS_VALUES).where(*key)
+            if conn.dialect.name == "postgresql":
+                # make sure a row exists to lock, then lock it
+                await conn.execute(self._upsert(conn.dialect.name, {
+                    "platform": platform, "channel": channel, "values": "{}",
+                    "updated_at": datetime.now(timezone.utc)}, keep=True))
+                query = query.with_for_update()
+            stored = await conn.scalar(query)
+            current = {} if clear or not stored else dict(json.loads(stored))
+            merged = {k: v for k, v in {**current, **changes}.items() if v is not None}
+            if not merged:
+                await conn.execute(delete(channel_settings).where(*key))
+                return {}
+            row = {"platform": platform, "channel": channel,
+                   "values": json.dumps(merged, sort_keys=True, ensure_ascii=False),
+                   "updated_at": datetime.now(timezone.utc)}
+            await conn.execute(self._upsert(conn.dialect.name, row))
+            return merged
+
+        return await self._run("update_settings", work)
+
     @staticmethod
-    def _upsert(dialect: str, row: dict[str, Any]) -> Any:
+    def _upsert(dialect: str, row: dict[str, Any], keep: bool = False) -> Any:
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         stmt = dialect_insert(channel_settings).values(**row)
+        if keep:
+            return stmt.on_conflict_do_nothing(index_elements=["platform", "channel"])
         return stmt.on_conflict_do_update(
             index_elements=["platform", "channel"],
             set_={"values": stmt.excluded["values"], "updated_at": stmt.excluded.updated_at})
@@ -412,7 +666,7 @@ class SQLAlchemyStore:
             "message_id": turn.message_id,
             "token_ids": tuple(turn.token_ids) if turn.token_ids is not None else None,
             "in_reply_to": turn.in_reply_to, "state": TurnState(turn.state).value,
-            "created_at": created,
+            "created_at": created, "conversation": turn.conversation,
         }
 
     @staticmethod
@@ -421,4 +675,5 @@ class SQLAlchemyStore:
                     text=row.text, author_id=row.author_id, author_name=row.author_name,
                     message_id=row.message_id, token_ids=row.token_ids,
                     in_reply_to=row.in_reply_to, state=TurnState(row.state),
-                    created_at=row.created_at, id=int(row.id))
+                    created_at=row.created_at, id=int(row.id), conversation=row.conversation,
+                    seq=int(row.seq))

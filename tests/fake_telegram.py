@@ -54,6 +54,10 @@ class FakeTelegram:
         self._fail_sends = 0
         self._broken_sends = 0
         self._broken_status = 502
+        self._break_after = 0
+        self._release = asyncio.Event()
+        self._release.set()
+        self.holding = 0  # sendMessage calls waiting on `hold_sends`
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -104,6 +108,20 @@ class FakeTelegram:
         status=0, drop the connection without answering (a network failure)."""
         self._broken_sends = count
         self._broken_status = status
+
+    def break_sends_after(self, after: int, count: int = 1, status: int = 502) -> None:
+        """Let `after` sendMessage calls through, then break the next `count` like
+        `break_next_sends`."""
+        self._break_after = after
+        self.break_next_sends(count, status)
+
+    def hold_sends(self) -> None:
+        """From now on sendMessage calls wait (unanswered, nothing delivered) until
+        `release_sends`; a client that hangs up meanwhile delivered nothing."""
+        self._release.clear()
+
+    def release_sends(self) -> None:
+        self._release.set()
 
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method.lower() == method.lower()]
@@ -179,7 +197,16 @@ class FakeTelegram:
         return _ok(self._updates[:limit])
 
     async def _api_sendmessage(self, params: dict[str, Any]) -> web.Response:
-        if self._broken_sends > 0:
+        if not self._release.is_set():
+            self.holding += 1
+            await self._notify()
+            try:
+                await self._release.wait()
+            finally:
+                self.holding -= 1
+        if self._broken_sends > 0 and self._break_after > 0:
+            self._break_after -= 1
+        elif self._broken_sends > 0:
             self._broken_sends -= 1
             if self._broken_status == 0:
                 raise ConnectionResetError("fake: connection dropped")

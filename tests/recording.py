@@ -4,10 +4,13 @@ generator wrapper that counts calls. Real adapters are tested against fake platf
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bot.events import GenerationRequest, Incoming, Reply
+from bot.text import clean_outgoing, split_message
 
 _ids = iter(range(1, 10**9))
 
@@ -28,7 +31,9 @@ class RecordingAdapter:
     rate_limited: bool = True
     outbound_rate: tuple[int, float] | None = None
     admins: set[str] = field(default_factory=set)  # author ids the platform calls admin
-    sent: list[Reply] = field(default_factory=list)
+    sent: list[Reply] = field(default_factory=list)  # one entry per part delivered
+    sent_at: list[float] = field(default_factory=list)
+    splitter: Callable[[str], list[str]] | None = None  # default: split_message at the limit
     typing_entered: int = 0
     admin_checks: int = 0
 
@@ -38,8 +43,15 @@ class RecordingAdapter:
     async def stop(self) -> None:
         pass
 
-    async def send(self, reply: Reply) -> None:
-        self.sent.append(reply)
+    def split(self, text: str) -> list[str]:
+        if self.splitter is not None:
+            return self.splitter(text)
+        return split_message(clean_outgoing(text), self.max_message_length)
+
+    async def send_part(self, reply: Reply, index: int, part: str) -> str:
+        self.sent.append(replace(reply, text=part))
+        self.sent_at.append(time.monotonic())
+        return f"sent-{len(self.sent)}"
 
     async def is_admin(self, event: Incoming) -> bool:
         self.admin_checks += 1
@@ -83,3 +95,10 @@ class CountingGenerator:
         if self.fail_next:
             raise self.fail_next.pop(0)
         return await self.inner.reply(request)
+
+
+async def send_all(adapter, reply: Reply) -> list[str | None]:
+    """Every part of `reply` through the adapter's own split and send_part, in order (what the
+    pipeline does, without its pacing and retries)."""
+    return [await adapter.send_part(reply, index, part)
+            for index, part in enumerate(adapter.split(reply.text))]

@@ -12,9 +12,10 @@ import yarl
 
 from adapters.discord import DiscordAdapter
 from bot.app import build_app
-from bot.errors import PlatformError
+from bot.errors import PlatformError, UndeliverableError
 from bot.events import Incoming, Reply
 from bot.text import split_message
+from tests.recording import send_all
 from tests.fake_discord import EPHEMERAL, MANAGE_MESSAGES, FakeDiscord, Post
 
 TOKEN = "FAKE.discord.TOKEN-abcdefghijklmnop"
@@ -180,7 +181,7 @@ async def test_everyone_in_user_text_is_answered_without_pinging(bot, fake):
     turns = await app.store.recent("discord", str(fake.free), 10)
     assert turns[0].text == "@everyone @here look at this"
     # even a reply that is nothing but pings goes out inert
-    await adapter.send(Reply("discord", str(fake.free),
+    await send_all(adapter, Reply("discord", str(fake.free),
                              f"@everyone @here <@{fake.alice.id}> <@&{fake.admin_role}>",
                              reply_to=trigger["id"]))
     posts = await fake.wait_posts(2, channel_id=fake.free)
@@ -194,7 +195,7 @@ async def test_long_reply_arrives_in_parts_of_at_most_2000(bot, fake):
     _, adapter = await bot()
     trigger = await fake.send_message(fake.alice, fake.general, "tell me a long story")
     text = " ".join(f"word{i}" for i in range(600))  # 4,689 characters, no line breaks
-    await adapter.send(Reply("discord", str(fake.general), text, reply_to=trigger["id"]))
+    await send_all(adapter, Reply("discord", str(fake.general), text, reply_to=trigger["id"]))
     posts = await fake.wait_posts(3, channel_id=fake.general)
     assert len(posts) == 3
     assert all(0 < len(p.content) <= 2000 for p in posts)
@@ -206,20 +207,30 @@ async def test_long_reply_arrives_in_parts_of_at_most_2000(bot, fake):
 
 
 async def test_a_retried_send_does_not_repeat_parts_already_delivered(bot, fake):
-    _, adapter = await bot()
+    app, adapter = await bot()
+    app.pipeline.retry_base = 0.01
     trigger = await fake.send_message(fake.alice, fake.general, "long one please")
     reply = Reply("discord", str(fake.general), " ".join(f"w{i}" for i in range(1200)),
                   reply_to=trigger["id"])
-    fake.fail_posts(after=1, count=1, status=403)
-    with pytest.raises(PlatformError, match="403"):
-        await adapter.send(reply)
-    assert len([p for p in fake.posts if p.channel_id == fake.general]) == 1
-    await adapter.send(reply)  # what the pipeline's retry does
+    fake.fail_posts(after=1, count=1, status=400)  # the second part fails once
+    ids = await app.pipeline.send(reply)  # the pipeline retries that part alone
     expected = split_message(reply.text, 2000)
     assert len(expected) == 4
     posts = await fake.wait_posts(4, channel_id=fake.general)
     assert [p.content for p in await quiet_posts(fake, fake.general)] == expected
     assert [("message_reference" in p.payload) for p in posts] == [True, False, False, False]
+    assert ids == [str(p.message_id) for p in posts]  # each part's id as Discord gave it
+
+
+async def test_a_refused_send_is_undeliverable_and_not_retried(bot, fake):
+    app, adapter = await bot()
+    app.pipeline.retry_base = 0.01
+    trigger = await fake.send_message(fake.alice, fake.general, "hi")
+    fake.fail_posts(after=0, count=1, status=403)
+    with pytest.raises(UndeliverableError, match="403"):
+        await app.pipeline.send(Reply("discord", str(fake.general), "no entry",
+                                      reply_to=trigger["id"]))
+    assert await quiet_posts(fake, fake.general) == []
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -279,10 +290,10 @@ async def test_slash_settings_by_admin_changes_the_channel(bot, fake):
 async def test_answer_to_an_unknown_interaction(bot, fake):
     _, adapter = await bot()
     gone = "interaction:999"
-    await adapter.send(Reply("discord", str(fake.general), "refused", reply_to=gone,
+    await send_all(adapter, Reply("discord", str(fake.general), "refused", reply_to=gone,
                              private=True))
     assert await quiet_posts(fake, fake.general) == []  # a private note is not made public
-    await adapter.send(Reply("discord", str(fake.general), "public answer", reply_to=gone))
+    await send_all(adapter, Reply("discord", str(fake.general), "public answer", reply_to=gone))
     [post] = await fake.wait_posts(1, channel_id=fake.general)
     assert post.content == "public answer" and "message_reference" not in post.payload
     assert_inert_reply(post, None)
@@ -376,7 +387,7 @@ async def test_stop_finishes_a_send_in_flight(bot, fake):
     _, adapter = await bot()
     trigger = await fake.send_message(fake.alice, fake.general, "x")
     fake.rate_limit_next_posts(1, retry_after=0.8)
-    sending = asyncio.create_task(adapter.send(Reply("discord", str(fake.general), "last words",
+    sending = asyncio.create_task(send_all(adapter, Reply("discord", str(fake.general), "last words",
                                                      reply_to=trigger["id"])))
     await fake.wait_until(lambda: fake.rate_limited_posts == 1)
     await adapter.stop()

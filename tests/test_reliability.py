@@ -105,8 +105,10 @@ HOSTILE = st.one_of(
 @pytest.fixture
 async def echo_bot(make_config):
     config = make_config(user_rate=10**6, channel_rate=10**6, send_retries=0)
-    platforms = [RecordingAdapter(name="telegram"),
-                 RecordingAdapter(name="discord", max_message_length=2000)]
+    platforms = [RecordingAdapter(name="telegram",
+                                  splitter=lambda t: platform_parts("telegram", t)),
+                 RecordingAdapter(name="discord", max_message_length=2000,
+                                  splitter=lambda t: platform_parts("discord", t))]
     generator = EchoGenerator()
     app = build_app(config, platforms, generator=generator)
     await app.start()
@@ -134,9 +136,8 @@ async def test_hostile_texts_never_crash_and_go_out_inert(echo_bot):
     assert count >= 1000
     sent = platforms[0].sent + platforms[1].sent
     assert sent and APOLOGY not in [r.text for r in sent]
-    for reply in sent:
-        parts = platform_parts(reply.platform, reply.text)
-        for part in parts:
+    for reply in sent:  # every part as it went out
+        for part in [reply.text]:
             assert part.strip()
             part.encode("utf-8")  # valid Unicode: no lone surrogates
             assert not CONTROL.search(part)
@@ -153,8 +154,9 @@ async def test_a_100_kb_message_is_stored_whole_and_answered(echo_bot):
     await app.pipeline.process(message(text))
     turns = await app.store.recent("telegram", "100", 5)
     assert turns[0].text == text.strip() and turns[1].role is Role.BOT
-    parts = platform_parts("telegram", platforms[0].sent[-1].text)
+    parts = [r.text for r in platforms[0].sent]
     assert len(parts) > 20 and all(utf16_len(p) <= 4096 for p in parts)
+    assert parts == platform_parts("telegram", turns[1].text)  # each part once, in order
 
 
 async def test_flood_keeps_the_queue_bounded_and_answers_or_refuses_every_message(make_config):
@@ -274,12 +276,12 @@ class FlakyAdapter(RecordingAdapter):
         self.failures = failures
         self.attempts = 0
 
-    async def send(self, reply):
+    async def send_part(self, reply, index, part):
         self.attempts += 1
         if self.failures:
             self.failures -= 1
             raise ConnectionResetError("network dropped")
-        await super().send(reply)
+        return await super().send_part(reply, index, part)
 
 
 async def test_failed_sends_are_retried_and_delivered(make_config):
@@ -296,6 +298,8 @@ async def test_failed_sends_are_retried_and_delivered(make_config):
 
 
 async def test_a_platform_that_keeps_failing_does_not_stop_other_channels(make_config):
+    """A reply whose delivery fails after every retry is not lost: it stays in the outbox
+    (state sending, never counted as delivered) and the next start delivers it once."""
     config = make_config(send_retries=1)
     broken = FlakyAdapter(failures=10**6, name="discord")
     working = RecordingAdapter(name="telegram")
@@ -307,6 +311,25 @@ async def test_a_platform_that_keeps_failing_does_not_stop_other_channels(make_c
             app.pipeline.process(message("to discord", platform="discord")),
             app.pipeline.process(message("to telegram", platform="telegram")))
         assert len(working.sent) == 1 and broken.sent == []
-        assert await app.store.count("discord") == 2  # stored even though delivery failed
+        turns = await app.store.recent("discord", "100", 10)
+        assert [(t.role, t.state) for t in turns] == [(Role.USER, TurnState.ANSWERED),
+                                                      (Role.BOT, TurnState.SENDING)]
     finally:
         await app.stop()
+
+    healed = RecordingAdapter(name="discord")
+    again = build_app(config, [healed, RecordingAdapter(name="telegram")],
+                      generator=LocalGenerator(SlowBackend()))
+    await again.start()
+    try:
+        for _ in range(100):
+            if healed.sent:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert [r.text for r in healed.sent] == [turns[1].text]
+        assert healed.sent[0].reply_to == turns[0].message_id
+        states = [t.state for t in await again.store.recent("discord", "100", 10)]
+        assert states == [TurnState.ANSWERED, TurnState.DONE]
+    finally:
+        await again.stop()

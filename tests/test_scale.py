@@ -26,6 +26,7 @@ from tests import fake_telegram as ft
 from tests.fake_openai import FakeOpenAI
 from tests.fake_telegram import FakeTelegram
 from tests.test_metrics import PG_URL, fresh_database
+from tests.test_migrations import HEAD
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 BIN = Path(sys.executable).parent / "dialogbot"
@@ -79,9 +80,20 @@ class Cluster:
         await self.telegram.start()
         await self.openai.start()
         self.openai.delay = 0.3
+        self.settings = settings
         for number in range(count):
             self.instances.append(self._spawn(f"bot{number}", settings))
         await asyncio.gather(*(self._wait_ready(i) for i in self.instances))
+
+    async def restart(self, index: int) -> Instance:
+        """SIGTERM one instance, wait for its exit, start it again and wait until ready."""
+        old = self.instances[index]
+        old.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(old.process.wait, 30)
+        new = self._spawn(f"{old.name}-again", self.settings)
+        self.instances[index] = new
+        await self._wait_ready(new)
+        return new
 
     def _spawn(self, name: str, settings: dict[str, str]) -> Instance:
         hook_port, metrics_port = free_port(), free_port()
@@ -94,7 +106,8 @@ class Cluster:
             DIALOGBOT_DO_SAMPLE="false", DIALOGBOT_NO_REPEAT_NGRAM_SIZE="0",
             DIALOGBOT_MAX_NEW_TOKENS="8", DIALOGBOT_DATABASE_URL=self.db_url,
             DIALOGBOT_REDIS_URL=REDIS_URL, DIALOGBOT_REDIS_PREFIX=self.prefix,
-            DIALOGBOT_LOCK_LEASE=str(LEASE), DIALOGBOT_TELEGRAM_TOKEN=TOKEN,
+            DIALOGBOT_LOCK_LEASE=str(LEASE), DIALOGBOT_CLAIM_LEASE=str(LEASE),
+            DIALOGBOT_TELEGRAM_TOKEN=TOKEN,
             DIALOGBOT_TELEGRAM_BASE_URL=self.telegram.base_url,
             DIALOGBOT_TELEGRAM_WEBHOOK_URL=hook, DIALOGBOT_TELEGRAM_WEBHOOK_LISTEN="127.0.0.1",
             DIALOGBOT_TELEGRAM_WEBHOOK_PORT=str(hook_port),
@@ -252,6 +265,33 @@ async def test_two_instances_share_one_chat_without_overlap_or_duplicates(cluste
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_an_instance_restarting_while_the_other_generates_answers_nothing_twice(cluster):
+    """`one` is generating a reply when `two` restarts: `two`'s recovery finds the message
+    claimed by a live instance and leaves it; the chat gets exactly one reply."""
+    one, _ = cluster.instances
+    tg, gen = cluster.telegram, cluster.openai
+    before = len(gen.requests)
+    gen.gate = asyncio.Event()
+    chat = 801
+    await cluster.post(one, chat, "a slow question")
+    for _ in range(300):
+        if len(gen.requests) > before:
+            break
+        await asyncio.sleep(0.05)
+    assert len(gen.requests) == before + 1
+    await cluster.restart(1)  # its recovery runs while `one` still generates
+    await asyncio.sleep(LEASE + 0.5)  # past a lock lease: the claim is renewed, not taken
+    gen.gate.set()
+    gen.gate = None
+    rows = await cluster.settled(chat, users=1)
+    await tg.wait_sent(chat, 1)
+    await asyncio.sleep(1.0)
+    assert len(tg.sent_to(chat)) == 1
+    assert [r[1:3] for r in rows] == [("user", "answered"), ("bot", "done")]
+    assert len(gen.requests) == before + 1  # generated once
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_killed_instance_lease_expires_and_the_other_serves_the_chat(cluster):
     one, two = cluster.instances
     tg, gen = cluster.telegram, cluster.openai
@@ -308,7 +348,7 @@ def test_instances_migrating_an_empty_database_at_once_all_start(tmp_path):
                     "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             finally:
                 await conn.close()
-            assert versions == ["0001"]
+            assert versions == [HEAD]
             assert {"turns", "channel_settings", "alembic_version"} <= tables
 
     asyncio.run(go())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sqlite3
@@ -14,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot.errors import StoreError
-from bot.events import Role, Turn, TurnState
+from bot.events import Forgotten, Role, Turn, TurnState
 from storage.store import SQLAlchemyStore, redact_url
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "")
@@ -28,7 +29,7 @@ async def empty_postgres(url: str) -> None:
     try:
         async with engine.begin() as conn:
             await conn.execute(text(
-                "DROP TABLE IF EXISTS turns, channel_settings, alembic_version CASCADE"))
+                "DROP TABLE IF EXISTS sent_parts, turns, channel_settings, alembic_version CASCADE"))
     finally:
         await engine.dispose()
 
@@ -50,9 +51,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path):
     await s.stop()
 
 
+_message_ids = itertools.count(1)
+
+
 def user(text: str, channel: str = "c1", author: str = "u1", platform: str = "telegram",
          author_name: str | None = None, **kw) -> Turn:
-    kw.setdefault("message_id", f"m-{text[:20]}")
+    kw.setdefault("message_id", f"m-{next(_message_ids)}")
     return Turn(platform, channel, Role.USER, text, author, author_name or f"name-{author}",
                 state=TurnState.PENDING, **kw)
 
@@ -126,12 +130,12 @@ async def test_forget_removes_one_users_turns_everywhere_on_one_platform_and_the
     await exchange("alice", "c1", platform="discord")  # same author id, other platform
     await store.append(bot("bot says hi unprompted", "c1"))
 
-    assert await store.forget("telegram", "alice") == 2
+    assert await store.forget("telegram", "alice") == Forgotten(2, ("c1", "c2"))
     assert await texts(store, "telegram", "c1") == [
         "bob@telegram/c1", "re bob@telegram/c1", "bot says hi unprompted"]
     assert await texts(store, "telegram", "c2") == []
     assert await texts(store, "discord", "c1") == ["alice@discord/c1", "re alice@discord/c1"]
-    assert await store.forget("telegram", "alice") == 0
+    assert await store.forget("telegram", "alice") == Forgotten(0)
 
 
 async def test_count_by_platform_and_channel(store):

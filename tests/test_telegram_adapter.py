@@ -17,6 +17,7 @@ from bot.app import build_app
 from bot.events import Reply
 from tests import fake_telegram as ft
 from tests.fake_telegram import FakeTelegram
+from tests.recording import send_all
 
 TOKEN = "123456:TEST-TOKEN-abcdef"
 DM = 111  # a private chat is the user's id
@@ -162,7 +163,7 @@ async def test_long_reply_arrives_in_parts_within_the_limit(config, fake):
                      for i in range(115))
     assert len(text) > 10_000
     async with running(config) as (_, adapter):
-        await adapter.send(Reply("telegram", str(GROUP), text, reply_to="77"))
+        await send_all(adapter, Reply("telegram", str(GROUP), text, reply_to="77"))
         sent = fake.sent_to(GROUP)
     assert len(sent) == 3
     assert all(0 < len(m["text"]) <= 4096 for m in sent)
@@ -264,7 +265,7 @@ async def test_stop_is_idempotent_and_send_after_stop_fails_cleanly(config, fake
         pass
     await adapter.stop()
     with pytest.raises(PlatformError):
-        await adapter.send(Reply("telegram", str(DM), "late"))
+        await send_all(adapter, Reply("telegram", str(DM), "late"))
 
 
 async def test_typing_is_renewed_until_the_block_exits(config, fake, monkeypatch):
