@@ -102,7 +102,8 @@ async def main():
     print("ready", flush=True)
     sys.stdin.readline()  # everything is imported: wait for the starting gun
     await store.start()
-    await store.append(__import__("tests.test_store").test_store.user(sys.argv[2]))
+    await store.append(__import__("tests.test_store").test_store.user(
+        sys.argv[2], message_id=sys.argv[2]))
     await store.stop()
 
 asyncio.run(main())
@@ -158,3 +159,72 @@ async def test_alembic_command_line_upgrades_and_downgrades(kind, tmp_path):
     await store.append(user("back"))
     assert await store.count() == 1
     await store.stop()
+
+
+OLD_HISTORY = [  # (id, channel, role, text, author, message id, in_reply_to, state) at 0001
+    (1, "c1", "user", "first question", "7", "m1", None, "answered"),
+    (2, "c1", "user", "asked while the reply was generated", "8", "m2", None, "answered"),
+    (3, "c1", "bot", "reply to the first", "", None, 1, "done"),
+    (4, "c1", "bot", "reply to the second", "", None, 2, "done"),
+    (5, "c2", "user", "another chat", "7", "m3", None, "pending"),
+]
+
+
+async def _at_revision(url: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from storage.store import MIGRATIONS, prepare_engine
+
+    def upgrade(connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    from sqlalchemy.engine import make_url
+
+    if make_url(url).get_backend_name() == "sqlite":
+        SQLAlchemyStore._make_parent(make_url(url).database)
+    engine = create_async_engine(url)
+    prepare_engine(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(upgrade)
+            for row in OLD_HISTORY:
+                await conn.execute(text(
+                    "INSERT INTO turns (id, platform, channel, role, text, author_id, "
+                    "author_name, message_id, token_ids, in_reply_to, state, created_at) VALUES "
+                    "(:id, 'telegram', :channel, :role, :text, :author, 'n', :mid, NULL, :irt, "
+                    ":state, CURRENT_TIMESTAMP)"),
+                    dict(zip(("id", "channel", "role", "text", "author", "mid", "irt", "state"),
+                             row)))
+            if engine.dialect.name == "postgresql":
+                await conn.execute(text("SELECT setval(pg_get_serial_sequence('turns', 'id'), "
+                                        "(SELECT max(id) FROM turns))"))
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrading_a_database_with_history_keeps_every_turn_in_conversation_order(
+        kind, tmp_path):
+    """A database made by revision 0001, with a reply stored after a message that arrived
+    while it was generated (the old row-id order), is brought to head: every turn is still
+    there, each reply sorts right after what it answers, and the bot keeps working on it."""
+    url = await fresh_url(kind, tmp_path)
+    await _at_revision(url, "0001")
+    store = SQLAlchemyStore(url)
+    await store.start()  # migrates to head
+    try:
+        turns = await store.recent("telegram", "c1", 10)
+        assert [t.text for t in turns] == ["first question", "reply to the first",
+                                           "asked while the reply was generated",
+                                           "reply to the second"]
+        assert [t.conversation for t in turns] == ["u:7", "u:7", "u:8", "u:8"]
+        assert [t.id for t in await store.pending()] == [5]
+        asked = await store.append(user("new after the upgrade", "c1", author="7"))
+        assert asked.id == 6 and asked.seq == 6
+        assert (await store.recent("telegram", "c1", 10))[-1].text == "new after the upgrade"
+        assert (await _version_and_schema(store))[0] == [HEAD]
+    finally:
+        await store.stop()

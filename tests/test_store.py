@@ -399,3 +399,63 @@ def test_redact_url_hides_passwords():
     assert "s3cr3t" not in redact_url("postgresql://bot@db/x?password=s3cr3t")
     assert redact_url("sqlite+aiosqlite:///data/bot.db") == "sqlite+aiosqlite:///data/bot.db"
     assert redact_url("not a url://u:pw@h") == "not a url://u:***@h"
+
+
+# --- exactly once: claims, the outbox, settings merges (issue 13) ----------------------------
+async def test_claims_at_once_never_share_a_turn(store):
+    for i in range(6):
+        await store.append(user(f"q{i}", "c9"))
+    got = await asyncio.gather(*(store.claim("telegram", "c9", None, f"owner-{i}", 30)
+                                 for i in range(4)))
+    ids = [t.id for batch in got for t in batch]
+    assert len(ids) == len(set(ids)) == 6  # every turn claimed exactly once
+    assert await store.claim("telegram", "c9", None, "late", 30) == []
+
+
+async def test_an_expired_or_dead_claim_is_taken_over_and_add_reply_checks_the_owner(store):
+    asked = await store.append(user("hello?", "c8"))
+    [mine] = await store.claim("telegram", "c8", None, "a", 0.05)
+    assert mine.id == asked.id
+    assert await store.claim("telegram", "c8", None, "b", 30) == []  # still a's
+    await asyncio.sleep(0.1)
+    [taken] = await store.claim("telegram", "c8", None, "b", 30)  # a's lease ran out
+    lost = await store.add_reply(bot("from a"), [asked.id], owner="a")
+    assert lost.id is None and await store.count("telegram", "c8") == 1
+    assert await store.claim("telegram", "c8", None, "c", 30, dead=["b"]) != []
+    kept = await store.add_reply(bot("from c", state=TurnState.SENDING), [asked.id], owner="c",
+                                 lease=30)
+    assert kept.id is not None and kept.seq == asked.seq
+
+
+async def test_the_outbox_keeps_a_reply_until_every_part_is_confirmed(store):
+    asked = await store.append(user("long question", "c7", message_id="41"))
+    [claimed] = await store.claim("telegram", "c7", None, "a", 30)
+    reply = await store.add_reply(bot("answer", "c7", state=TurnState.SENDING), [claimed.id],
+                                  owner="a", lease=0.05)
+    await store.confirm_part(reply.id, 0, "900", last=False)
+    await asyncio.sleep(0.1)  # the sender died: its lease ran out
+    [out] = await store.claim_outbox(["telegram"], "b", 30)
+    assert out.turn.id == reply.id and out.sent == ("900",) and out.reply_to == "41"
+    assert await store.claim_outbox(["telegram"], "c", 30) == []  # b holds it now
+    await store.confirm_part(reply.id, 1, "901", last=True)
+    assert await store.sent_ids(reply.id) == ["900", "901"]
+    assert (await store.recent("telegram", "c7", 5))[1].state is TurnState.DONE
+    assert await store.claim_outbox(["telegram"], "c", 30) == []
+    assert asked.id == claimed.id
+
+
+async def test_a_message_delivered_twice_is_stored_once(store):
+    first = await store.append(user("hi", "c6", message_id="77"))
+    again = await store.append(user("hi", "c6", message_id="77"))
+    assert again.id == first.id and await store.count("telegram", "c6") == 1
+    other = await store.append(user("hi", "c5", message_id="77"))  # another chat's 77
+    assert other.id != first.id
+
+
+async def test_settings_changed_at_once_are_merged_not_lost(store):
+    await asyncio.gather(*(store.update_settings("telegram", "c4", {f"k{i}": i})
+                           for i in range(8)))
+    assert await store.get_settings("telegram", "c4") == {f"k{i}": i for i in range(8)}
+    assert await store.update_settings("telegram", "c4", {"k0": None}) == {
+        f"k{i}": i for i in range(1, 8)}
+    assert await store.update_settings("telegram", "c4", {"x": 1}, clear=True) == {"x": 1}
