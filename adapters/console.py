@@ -22,12 +22,18 @@ PLATFORM = "console"
 
 
 def to_event(line: str, number: int, channel: str = "local", user: str = "local",
-             run: str = "") -> Incoming:
-    """A console line is always a direct message to the bot; its id is "<run>.<line number>"
-    (the run part keeps ids unique across restarts)."""
+             run: str = "", group: bool = False) -> Incoming:
+    """A console line is a direct message to the bot; its id is "<run>.<line number>" (the
+    run part keeps ids unique across restarts). In a group (`dialogbot chat --group`) a line
+    "name: text" is `name` talking to the bot in a group chat (try the context scopes)."""
+    text = line.rstrip("\r\n")
+    if group:
+        name, sep, said = text.partition(":")
+        if sep and name.strip() and " " not in name.strip() and not text.startswith("/"):
+            user, text = name.strip(), said.strip()
     return Incoming(platform=PLATFORM, channel=channel,
                     message_id=f"{run}.{number}" if run else str(number), author_id=user,
-                    author_name=user, text=line.rstrip("\r\n"), is_direct=True, is_to_me=True)
+                    author_name=user, text=text, is_direct=not group, is_to_me=True)
 
 
 class ConsoleAdapter:
@@ -38,11 +44,12 @@ class ConsoleAdapter:
 
     def __init__(self, config: Config | None = None, *, stdin: TextIO | None = None,
                  stdout: TextIO | None = None, interactive: bool | None = None,
-                 channel: str = "local"):
+                 channel: str = "local", group: bool = False):
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.interactive = self.stdin.isatty() if interactive is None else interactive
         self.channel = channel
+        self.group = group  # lines are "name: text" from several people in a group chat
         self.done = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._buffer: dict[str, list[str]] = {}
@@ -73,7 +80,7 @@ class ConsoleAdapter:
         return f"{self._run}.out{self._sent}"
 
     async def is_admin(self, event: Incoming) -> bool:
-        return True  # the person at the terminal owns the bot
+        return True  # the person at the terminal owns the bot (in a group too)
 
     @asynccontextmanager
     async def typing(self, event: Incoming):
@@ -98,7 +105,7 @@ class ConsoleAdapter:
                 if line is None:
                     break
                 number += 1
-                event = to_event(line, number, self.channel, run=self._run)
+                event = to_event(line, number, self.channel, run=self._run, group=self.group)
                 if not self.interactive:
                     self._buffer[event.message_id] = []
                 # submitted like any platform event, so shutdown lets it finish

@@ -2,11 +2,12 @@
 
 Which messages reach the core (`to_event`, pure):
 - DMs always (the user owns the conversation).
-- In a server, only messages addressed to the bot: mentioning it (its user or its managed
-  role), replying to one of its messages, or posted in a free-talk channel
-  (DIALOGBOT_DISCORD_CHANNELS). Threads are their own conversation (channel = the thread id);
-  a thread inside a free-talk channel is free-talk too, as Discord threads inherit their
-  parent's permissions and the admin allowed free talk "in that channel".
+- In a server, every message, marked `is_to_me` when addressed to the bot: mentioning it (its
+  user or its managed role) or replying to one of its messages. The core answers the others
+  only where the channel's `talk` setting is "all"; channels in DIALOGBOT_DISCORD_CHANNELS
+  (and their threads) start as "all" (`free_talk`). Threads are their own conversation
+  (channel = the thread id) and inherit their parent channel's settings (`parent`).
+- A reply carries the replied-to message's text (`quote`), from the payload or a fetch.
 - Never the bot's own messages, other bots', webhooks' or system messages.
 The mention is stripped from what the model sees; "@bot reset" becomes "/reset".
 
@@ -29,7 +30,7 @@ import re
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -81,13 +82,16 @@ def to_event(message: discord.Message, bot_user_id: int, bot_role_ids: set[int],
     mentioned = (named or any(u.id == bot_user_id for u in message.mentions)
                  or bool(set(message.raw_role_mentions) & bot_role_ids))
 
-    reply_to = None
+    reply_to = quote = None
     replied_to_bot = False
     ref = message.reference
     if ref is not None and ref.message_id is not None:
         reply_to = str(ref.message_id)
         target = ref.resolved if isinstance(ref.resolved, discord.Message) else ref.cached_message
         replied_to_bot = target is not None and target.author.id == bot_user_id
+        if target is not None and target.content:
+            quote = clean_incoming(_strip_mentions(target, target.content, re.compile(
+                rf"<@!?{bot_user_id}>"))) or None
 
     text = _strip_mentions(message, content, own_mention) if content else ""
     if named and text and not text.startswith("/"):
@@ -96,14 +100,16 @@ def to_event(message: discord.Message, bot_user_id: int, bot_role_ids: set[int],
         if word in COMMAND_NAMES:
             text = " ".join([f"/{word}", *rest])
 
+    thread_parent = (getattr(message.channel, "parent_id", None)
+                     if isinstance(message.channel, discord.Thread) else None)
     return Incoming(
         platform=PLATFORM, channel=str(message.channel.id), message_id=str(message.id),
         author_id=str(author.id), author_name=author.display_name, text=clean_incoming(text),
-        is_direct=is_direct,
-        is_to_me=(is_direct or mentioned or replied_to_bot
-                  or _is_free(message.channel, free_channels)),
-        reply_to=reply_to, time=message.created_at,
-        has_attachments=bool(message.attachments or message.stickers))
+        is_direct=is_direct, is_to_me=is_direct or mentioned or replied_to_bot,
+        reply_to=reply_to, quote=quote, quote_from_bot=replied_to_bot,
+        parent=str(thread_parent) if thread_parent is not None else None,
+        free_talk=_is_free(message.channel, free_channels),
+        time=message.created_at, has_attachments=bool(message.attachments or message.stickers))
 
 
 def _is_free(channel: Any, free_channels: set[int]) -> bool:
@@ -124,17 +130,22 @@ def _strip_mentions(message: discord.Message, content: str, own: re.Pattern[str]
     return _LEADING_JUNK.sub("", text) if text != content else text
 
 
-def interaction_event(interaction: discord.Interaction, text: str) -> Incoming:
+def interaction_event(interaction: discord.Interaction, text: str,
+                      free_channels: set[int] | None = None) -> Incoming:
     """The common event for a slash command: addressed to the bot, admin-ness from Discord."""
     perms = interaction.permissions
     is_direct = interaction.guild_id is None
     user = interaction.user
+    channel = interaction.channel
+    parent = getattr(channel, "parent_id", None) if isinstance(channel, discord.Thread) else None
     return Incoming(
         platform=PLATFORM, channel=str(interaction.channel_id),
         message_id=f"{INTERACTION_PREFIX}{interaction.id}", author_id=str(user.id),
         author_name=user.display_name, text=clean_incoming(text), is_direct=is_direct,
         is_to_me=True, time=interaction.created_at,
-        platform_admin=True if is_direct else bool(perms.manage_messages or perms.administrator))
+        platform_admin=True if is_direct else bool(perms.manage_messages or perms.administrator),
+        parent=str(parent) if parent is not None else None,
+        free_talk=channel is not None and _is_free(channel, free_channels or set()))
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -323,11 +334,25 @@ class DiscordAdapter:
         if message.guild is not None and message.guild.self_role is not None:
             roles.add(message.guild.self_role.id)
         event = to_event(message, me.id, roles, self._free)
-        if event is None or not (event.is_direct or event.is_to_me):
-            return  # only addressed messages are answered and stored
+        if event is None:
+            return
+        if event.reply_to and event.quote is None and event.is_to_me:
+            event = await self._with_fetched_quote(message, event)
         if isinstance(message.author, discord.Member):
             self._remember(message.author)
+        # unaddressed messages too: the core answers them where the channel's talk is "all"
         self._pipeline.submit(event)
+
+    async def _with_fetched_quote(self, message: discord.Message, event: Incoming) -> Incoming:
+        """The replied-to message's text when Discord did not include it (a fetch)."""
+        try:
+            target = await message.channel.fetch_message(int(event.reply_to or 0))
+        except (discord.HTTPException, ValueError):
+            return event
+        me = self.client.user
+        text = clean_incoming(target.content) if target.content else ""
+        return replace(event, quote=text or None,
+                       quote_from_bot=me is not None and target.author.id == me.id)
 
     def _remember(self, member: discord.Member) -> None:
         key = (member.guild.id, member.id)
@@ -364,7 +389,7 @@ class DiscordAdapter:
     async def _on_slash(self, interaction: discord.Interaction, text: str) -> None:
         if self._closing or self._pipeline is None:
             return
-        event = interaction_event(interaction, text)
+        event = interaction_event(interaction, text, self._free)
         self._prune()
         pending = _Pending(interaction)
         pending.timer = asyncio.create_task(self._defer_later(pending))

@@ -72,7 +72,9 @@ _URL_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot", "httpx", "httpcore")
 def to_event(update: Update, bot_username: str, bot_id: int) -> Incoming | None:
     """The common event for a new message, or None when the bot must not see it at all
     (edits, channel posts, service messages, other bots, commands meant for another bot).
-    Unaddressed group messages come back with is_to_me=False (the pipeline ignores them)."""
+    Unaddressed group messages come back with is_to_me=False (the pipeline answers them only
+    where the chat's `talk` setting is "all"). A reply carries the replied-to message's text as
+    `quote` (context when the bot never stored that message)."""
     message = update.message
     if message is None or update.edited_message is not None:
         return None
@@ -112,8 +114,10 @@ def to_event(update: Update, bot_username: str, bot_id: int) -> Incoming | None:
                 addressed = True
     reply = message.reply_to_message
     # (in forum topics every message "replies" to the topic's first message: not a reply)
-    if (reply is not None and reply.from_user is not None and reply.from_user.id == bot_id
-            and reply.forum_topic_created is None):
+    if reply is not None and reply.forum_topic_created is not None:
+        reply = None
+    from_bot = reply is not None and reply.from_user is not None and reply.from_user.id == bot_id
+    if from_bot:
         addressed = True
 
     direct = chat.type == ChatType.PRIVATE
@@ -123,7 +127,8 @@ def to_event(update: Update, bot_username: str, bot_id: int) -> Incoming | None:
         text=clean_incoming(_replace_spans(text or "", cuts)),
         is_direct=direct, is_to_me=direct or addressed,
         reply_to=str(reply.message_id) if reply is not None else None,
-        time=message.date, has_attachments=attachment)
+        quote=clean_incoming(reply.text or reply.caption) or None if reply is not None else None,
+        quote_from_bot=from_bot, time=message.date, has_attachments=attachment)
 
 
 def _replace_spans(text: str, cuts: list[tuple[int, int, str]]) -> str:

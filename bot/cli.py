@@ -69,12 +69,14 @@ def run(config: ConfigOption = None) -> None:
 
 @app.command()
 def chat(config: ConfigOption = None,
-         channel: Annotated[str, typer.Option(help="Console conversation name.")] = "local"
+         channel: Annotated[str, typer.Option(help="Console conversation name.")] = "local",
+         group: Annotated[bool, typer.Option(
+             help="A group chat: each line is 'name: text' from that person.")] = False
          ) -> None:
     """Chat in the terminal. Piped input: one output line per input line."""
     from adapters.console import ConsoleAdapter
 
-    _serve(config, lambda cfg: [ConsoleAdapter(cfg, channel=channel)])
+    _serve(config, lambda cfg: [ConsoleAdapter(cfg, channel=channel, group=group)])
 
 
 @app.command()

@@ -10,24 +10,37 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from bot.config import Config
-from bot.conversation import Conversation
+from bot.conversation import SCOPES, TALK, Conversation
 from bot.events import DECODING_FIELDS, DecodingSettings, Incoming
 from bot.ports import Generator, Store
 from bot.rankers import parse_rankers
 
 COMMAND_NAMES = ("start", "help", "reset", "forget", "settings")
+CHANNEL_SETTINGS = ("context", "talk")  # not decoding: who and what the bot answers here
 
 HELP = """I'm a DialoGPT chat bot. Talk to me and I'll answer{where}.
 /help - this message
-/reset - forget this chat's conversation (admins only in groups)
+/reset - {reset}
 /forget - delete every message you sent me, everywhere
-/settings - show how I pick words; admins: /settings temperature=0.7 top_k=40, /settings default"""
+/settings - show how I talk here; admins change it, e.g. /settings temperature=0.7 top_k=40,
+  /settings context=chain|user|channel, /settings talk=mentions|all, /settings default"""
 
+SCOPE_HELP = {
+    "chain": "Here I follow reply chains: reply to one of my messages to go on with that "
+             "conversation; a message that replies to nothing goes on with your last one. "
+             "Reply /reset to one of my messages to clear that conversation; admins: /reset "
+             "clears the whole chat.",
+    "user": "Here everyone has their own conversation with me. /reset clears yours; admins: "
+            "/reset all clears the whole chat.",
+    "channel": "Here everyone shares one conversation with me; admins can /reset it.",
+}
+TELEGRAM_TALK_ALL = ("To let me answer every message in a group (/settings talk=all), turn my "
+                     "privacy mode off with @BotFather (/setprivacy) or make me an admin.")
 
 @dataclass(frozen=True, slots=True)
 class Command:
@@ -61,7 +74,12 @@ def _field_validator(name: str) -> TypeAdapter:
 class Control(Protocol):
     """What commands need from the pipeline (`bot.pipeline.Pipeline`)."""
 
-    def conversation_for(self, event: Incoming) -> Conversation: ...
+    async def conversation_for(self, event: Incoming) -> Conversation: ...
+
+    async def settings_for(self, platform: str, channel: str,
+                           parent: str | None = None) -> dict[str, Any]: ...
+
+    def settings_changed(self, platform: str, channel: str) -> None: ...
 
     def exclusive(self, key: str, affects: Callable[[Any], bool]
                   ) -> AbstractAsyncContextManager[None]:
@@ -77,6 +95,8 @@ class Commands:
         self.generator = generator
         self.control = control
         self._validators = {name: _field_validator(name) for name in DECODING_FIELDS}
+        self._validators["context"] = TypeAdapter(Literal[SCOPES])  # type: ignore[valid-type]
+        self._validators["talk"] = TypeAdapter(Literal[TALK])  # type: ignore[valid-type]
         self.rankers = ", ".join(map(str, parse_rankers(config.rankers))) or "none"
 
     def is_configured_admin(self, event: Incoming) -> bool:
@@ -92,40 +112,98 @@ class Commands:
             return await platform_admin()
 
         if command.name in ("start", "help"):
-            where = "" if event.is_direct else " when you mention me or reply to me"
-            return CommandResult(HELP.format(where=where))
+            return await self.help(event)
         if command.name == "reset":
-            if not await may_administer():
-                return CommandResult("Only admins of this chat can reset its conversation.",
-                                     refused=True)
-            here = event.channel_key
-            async with self.control.exclusive(self.control.conversation_for(event).key,
-                                              lambda f: f.conversation.channel_key == here):
-                removed = await self.store.reset(event.platform, event.channel)
-                self.generator.forget_channel(here)
-            return CommandResult(f"Done: I've forgotten this chat's conversation "
-                                 f"({removed} message{'s' * (removed != 1)}).")
+            return await self.reset(command.args, event, may_administer)
         if command.name == "forget":
-            def mine(flight: Any) -> bool:
-                return (flight.conversation.platform == event.platform
-                        and event.author_id in flight.authors)
-
-            async with self.control.exclusive(self.control.conversation_for(event).key, mine):
-                gone = await self.store.forget(event.platform, event.author_id)
-                for channel in {*gone.channels, event.channel}:
-                    self.generator.forget_channel(f"{event.platform}:{channel}")
-            removed = gone.removed
-            return CommandResult(f"Done: I deleted {removed} of your message"
-                                 f"{'s' * (removed != 1)} and my replies to them.")
+            return await self.forget(event)
         if command.name == "settings":
             return await self.settings(command.args, event, may_administer)
         return CommandResult(f"Unknown command /{command.name[:32]}. Try /help.", refused=True)
 
+    async def help(self, event: Incoming) -> CommandResult:
+        if event.is_direct:
+            return CommandResult(HELP.format(where="", reset="forget our conversation"))
+        conversation = await self.control.conversation_for(event)
+        text = HELP.format(where=" when you mention me or reply to me",
+                           reset="forget a conversation here (see below)")
+        text += "\n" + SCOPE_HELP[conversation.scope]
+        if event.platform == "telegram":
+            text += "\n" + TELEGRAM_TALK_ALL
+        return CommandResult(text)
+
+    # --- /reset and /forget -----------------------------------------------------------------
+    async def reset(self, args: str, event: Incoming,
+                    may_administer: Callable[[], Awaitable[bool]]) -> CommandResult:
+        """DM: the chat. Group: `all`, or channel scope: the whole chat (admins); user scope:
+        the author's own conversation; chain scope: a reply to one of the bot's messages clears
+        that branch (its author or admins), a plain /reset the whole chat (admins)."""
+        conversation = await self.control.conversation_for(event)
+        everything = args.strip().lower() in ("all", "everything", "chat", "channel")
+        if event.is_direct:
+            return await self._reset_channel(event, conversation)
+        if conversation.scope == "chain" and event.reply_to and not everything:
+            return await self._reset_branch(event, conversation, may_administer)
+        if conversation.scope == "user" and not everything:
+            async with self.control.exclusive(conversation.key,
+                                              lambda f: f.conversation.key == conversation.key):
+                removed = await self.store.reset(event.platform, event.channel,
+                                                 conversation.sub)
+                self.generator.forget_channel(conversation.key)
+            return CommandResult(f"Done: I've forgotten our conversation here ({_n(removed)}). "
+                                 "Admins: /reset all clears the whole chat.")
+        if not await may_administer():
+            hint = (" Reply /reset to one of my messages to clear that conversation."
+                    if conversation.scope == "chain" else "")
+            return CommandResult("Only admins of this chat can reset its conversation." + hint,
+                                 refused=True)
+        return await self._reset_channel(event, conversation)
+
+    async def _reset_channel(self, event: Incoming, conversation: Conversation
+                             ) -> CommandResult:
+        here = event.channel_key
+        async with self.control.exclusive(conversation.key,
+                                          lambda f: f.conversation.channel_key == here):
+            removed = await self.store.reset(event.platform, event.channel)
+            self.generator.forget_channel(here)
+        return CommandResult(f"Done: I've forgotten this chat's conversation ({_n(removed)}).")
+
+    async def _reset_branch(self, event: Incoming, conversation: Conversation,
+                            may_administer: Callable[[], Awaitable[bool]]) -> CommandResult:
+        target = await self.store.find_message(event.platform, event.channel,
+                                               event.reply_to or "")
+        if target is None:
+            return CommandResult("I don't remember that conversation (nothing to clear).")
+        owner = target.conversation
+        if owner != conversation.sub and not await may_administer():
+            return CommandResult("Only the person I was talking with there, or an admin, can "
+                                 "clear that conversation.", refused=True)
+        key = f"{event.channel_key}#{owner}" if owner else event.channel_key
+        async with self.control.exclusive(conversation.key,
+                                          lambda f: target.id in f.turn_ids):
+            removed = await self.store.reset_branch(target.id)
+            self.generator.forget_channel(key)
+        return CommandResult(f"Done: I've forgotten that conversation ({_n(removed)}).")
+
+    async def forget(self, event: Incoming) -> CommandResult:
+        def mine(flight: Any) -> bool:
+            return (flight.conversation.platform == event.platform
+                    and event.author_id in flight.authors)
+
+        conversation = await self.control.conversation_for(event)
+        async with self.control.exclusive(conversation.key, mine):
+            gone = await self.store.forget(event.platform, event.author_id)
+            for channel in {*gone.channels, event.channel}:
+                self.generator.forget_channel(f"{event.platform}:{channel}")
+        removed = gone.removed
+        return CommandResult(f"Done: I deleted {removed} of your message"
+                             f"{'s' * (removed != 1)} and my replies to them.")
+
+    # --- /settings --------------------------------------------------------------------------
     async def settings(self, args: str, event: Incoming,
                        may_administer: Callable[[], Awaitable[bool]]) -> CommandResult:
-        current = await self.store.get_settings(event.platform, event.channel)
         if not args:
-            return CommandResult(self.describe(current))
+            return CommandResult(await self.describe_for(event))
         if not await may_administer():
             return CommandResult("Only admins of this chat can change its settings.",
                                  refused=True)
@@ -134,25 +212,29 @@ class Commands:
             changes = {} if clear else self.parse_changes(args)
         except ValueError as exc:
             return CommandResult(str(exc), refused=True)
-        async with self.control.exclusive(self.control.conversation_for(event).key,
-                                          lambda f: False):
-            merged = await self.store.update_settings(event.platform, event.channel, changes,
-                                                      clear=clear)
+        conversation = await self.control.conversation_for(event)
+        async with self.control.exclusive(conversation.key, lambda f: False):
+            await self.store.update_settings(event.platform, event.channel, changes,
+                                             clear=clear)
+            self.control.settings_changed(event.platform, event.channel)
             self.generator.forget_channel(event.channel_key)
-        if clear:
-            return CommandResult("Settings are back to the defaults.\n" + self.describe({}))
-        return CommandResult("Settings updated.\n" + self.describe(merged))
+        head = "Settings are back to the defaults." if clear else "Settings updated."
+        return CommandResult(head + "\n" + await self.describe_for(event))
 
     def parse_changes(self, args: str) -> dict[str, Any]:
         changes: dict[str, Any] = {}
+        names = (*DECODING_FIELDS, *CHANNEL_SETTINGS)
         for item in args.replace(",", " ").split():
             name, sep, raw = item.partition("=")
             name = name.strip().lower()
             if not sep or name not in self._validators:
                 raise ValueError(f"Can't set {item[:40]!r}. Use name=value with one of: "
-                                 + ", ".join(DECODING_FIELDS) + ".")
+                                 + ", ".join(names) + ".")
             try:
-                changes[name] = self._validators[name].validate_python(raw.strip())
+                changes[name] = self._validators[name].validate_python(raw.strip().lower()
+                                                                      if name in
+                                                                      CHANNEL_SETTINGS
+                                                                      else raw.strip())
             except ValidationError as exc:
                 msg = exc.errors(include_url=False)[0]["msg"]
                 raise ValueError(f"{name}: {msg} (got {raw[:20]!r}).") from None
@@ -167,14 +249,34 @@ class Commands:
             settings = replace(settings, candidates=self.config.max_candidates)
         return settings
 
-    def describe(self, overrides: dict[str, Any]) -> str:
+    async def describe_for(self, event: Incoming) -> str:
+        own = await self.store.get_settings(event.platform, event.channel)
+        merged = await self.control.settings_for(event.platform, event.channel, event.parent)
+        return self.describe(merged, own, event)
+
+    def describe(self, overrides: dict[str, Any], own: dict[str, Any] | None = None,
+                 event: Incoming | None = None) -> str:
+        """One line per setting; * = set in this chat, ^ = inherited from the parent channel."""
+        own = overrides if own is None else own
         settings = self.effective(overrides)
-        lines = ["Settings for this chat (* = changed here):"]
+
+        def mark(name: str) -> str:
+            return "*" if name in own else ("^" if name in overrides else "")
+
+        lines = ["Settings for this chat (* = changed here, ^ = from the parent channel):"]
+        if event is not None and not event.is_direct:
+            lines.append(f"context = {overrides.get('context', self.config.context)}"
+                         f"{mark('context')} (chain, user or channel)")
+            talk = overrides.get("talk", "all" if event.free_talk else "mentions")
+            lines.append(f"talk = {talk}{mark('talk')} (mentions or all)")
         for name in DECODING_FIELDS:
-            mark = "*" if name in overrides else ""
             note = (f" (at most {self.config.max_candidates}; used when do_sample is on)"
                     if name == "candidates" else "")
-            lines.append(f"{name} = {getattr(settings, name)}{mark}{note}")
+            lines.append(f"{name} = {getattr(settings, name)}{mark(name)}{note}")
         lines.append(f"rankers = {self.rankers}")
         lines.append(f"word filter = {'on' if self.config.blocklist else 'off'}")
         return "\n".join(lines)
+
+
+def _n(count: int) -> str:
+    return f"{count} message{'s' * (count != 1)}"

@@ -81,6 +81,11 @@ class Config(BaseSettings):
     window_step: int = Field(256, ge=0, le=1024, description=(
         "When the prompt window must slide, drop at least this many tokens of old turns at "
         "once so the prompt's beginning (and its cache) stays stable. 0 = slide per turn."))
+    context: Literal["chain", "user", "channel"] = Field("chain", description=(
+        "Context of a group message (each channel can change it with /settings context=): "
+        "chain = the reply chain that leads to it (a message replying to nothing continues "
+        "its author's last exchange with the bot); user = each user's own conversation with "
+        "the bot; channel = everyone shares one history. Direct chats are one conversation."))
     history_turns: int = Field(64, ge=1, le=1000,
                                description="Most recent turns read for a prompt.")
     recover_window: float = Field(300.0, ge=0, description=(
@@ -244,7 +249,7 @@ class Config(BaseSettings):
     def _log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("generator_backend", "quantize", "log_format", mode="before")
+    @field_validator("generator_backend", "quantize", "log_format", "context", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

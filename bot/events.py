@@ -27,8 +27,15 @@ class Incoming:
     text:         what the model should see: mention of the bot already stripped; "/cmd"
                   form for commands (adapters turn "/reset@botname" or "@bot reset" into "/reset")
     is_direct:    a private chat / DM with the bot
-    is_to_me:     addressed to the bot (DM, mention, reply to the bot, command, free-talk channel)
+    is_to_me:     addressed to the bot explicitly (DM, mention, reply to the bot, command)
     reply_to:     message id this message replies to, if any
+    quote:        the text of the message it replies to, when the platform gives it (used as
+                  context when the bot never stored that message: another person's message)
+    quote_from_bot: that replied-to message is the bot's own
+    parent:       the channel this one belongs to (a Discord thread's parent), whose settings
+                  it inherits unless it has its own
+    free_talk:    the platform configuration says the bot talks freely here (Discord
+                  DIALOGBOT_DISCORD_CHANNELS): the channel's `talk` setting defaults to "all"
     has_attachments: the message carried non-text content (sticker, photo, voice, file)
     platform_admin: the adapter already knows the author may administer this channel
                   (e.g. Discord permissions came with the event); None = ask the adapter
@@ -46,6 +53,10 @@ class Incoming:
     time: datetime = field(default_factory=utcnow)
     has_attachments: bool = False
     platform_admin: bool | None = None
+    quote: str | None = None
+    quote_from_bot: bool = False
+    parent: str | None = None
+    free_talk: bool = False
 
     @property
     def channel_key(self) -> str:
@@ -107,8 +118,11 @@ class Turn:
 
     token_ids: for bot turns, the ids the model generated (without the end-of-text token), so
     the next prompt holds exactly what the model saw; None = encode `text`.
-    conversation: the conversation inside the channel ("u:<author id>" for a user's turns and
-    the bot's answers to them; see `bot.conversation`).
+    conversation: the conversation inside the channel: "u:<author id>" for a user's turns in a
+    group and the bot's answers to them, "" in a direct chat (one conversation).
+    parent_id: the turn this one follows in its reply chain (see `storage.store.append`).
+    reply_to: the platform message id a user message replies to; quote / quote_role: the text
+    and role of that message when the bot never stored it.
     seq: conversation order (set by the store: a user turn's own id, a bot turn's = the seq of
     the turn it answers); turns are listed by (seq, id).
     """
@@ -127,12 +141,20 @@ class Turn:
     id: int | None = None
     conversation: str = ""
     seq: int | None = None
+    parent_id: int | None = None
+    reply_to: str | None = None
+    quote: str | None = None
+    quote_role: "Role | None" = None
 
     @classmethod
     def from_event(cls, event: Incoming, state: TurnState = TurnState.PENDING) -> "Turn":
+        quote = event.quote.strip() if event.quote and event.reply_to else None
         return cls(event.platform, event.channel, Role.USER, event.text, event.author_id,
                    event.author_name, event.message_id, state=state, created_at=event.time,
-                   conversation=f"u:{event.author_id}")
+                   conversation="" if event.is_direct else f"u:{event.author_id}",
+                   reply_to=event.reply_to, quote=quote or None,
+                   quote_role=(Role.BOT if event.quote_from_bot else Role.USER) if quote
+                   else None)
 
 
 @dataclass(frozen=True, slots=True)

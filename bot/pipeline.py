@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from bot.commands import Commands, parse_command
 from bot.config import Config
-from bot.conversation import Conversation
+from bot.conversation import (Conversation, conversation_of, for_event, scope_of, talks_freely,
+                               with_quotes)
 from bot.errors import BotError, BusyError, GenerationTimeout, UndeliverableError
 from bot.events import (Generated, GenerationRequest, Incoming, Outgoing, Reply, ReplyKind, Role,
                         Turn, TurnState, utcnow)
@@ -55,6 +56,8 @@ EMPTY = "Say something and I'll answer."
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
 SLOW = "Sorry, that took me too long. Please try again."
 MAX_REGENERATIONS = 3  # a reply invalidated by a command is regenerated at most this often
+SETTINGS_TTL = 5.0  # seconds a channel's settings are cached (other instances' changes show
+# after at most this long; this instance's own changes at once)
 
 
 def make_owner() -> str:
@@ -88,6 +91,7 @@ class Inflight:
 
     conversation: Conversation
     authors: frozenset[str]  # authors of every turn in its prompt
+    turn_ids: frozenset[int] = frozenset()  # the stored turns of its prompt
     task: asyncio.Future | None = None
     invalidated: bool = False
 
@@ -122,6 +126,8 @@ class Pipeline:
         self._tasks: set[asyncio.Task] = set()
         self._inflight: dict[str, Inflight] = {}
         self._closing = False
+        self._settings: dict[tuple[str, str], tuple[float, dict]] = {}
+        self._parents: dict[tuple[str, str], str] = {}  # thread -> parent channel, as seen
         self._delivering = asyncio.Event()  # set once the adapters run (sends may start)
         self._sweeper: asyncio.Task | None = None
         self.retry_base = 1.0  # seconds before the first send retry
@@ -210,8 +216,8 @@ class Pipeline:
                          out.turn.channel, out.turn.created_at.isoformat(timespec="seconds"))
                 await self.store.mark([out.turn.id], TurnState.FAILED.value)
                 continue
-            started += await self._start_recovery(self._resend(out), self._conversation_of(
-                out.turn))
+            started += await self._start_recovery(self._resend(out),
+                                                  await self._conversation_of(out.turn))
         pending = await self.store.unclaimed(platforms, older_than, dead=dead)
         now = utcnow()
         stale = [t.id for t in pending
@@ -219,7 +225,7 @@ class Pipeline:
         if stale:
             await self.store.mark(stale, TurnState.SKIPPED.value)
             log.info("skipped %d unanswered messages older than %gs", len(stale), window)
-        conversations = {self._conversation_of(t) for t in pending if t.id not in stale}
+        conversations = {await self._conversation_of(t) for t in pending if t.id not in stale}
         for conversation in sorted(conversations, key=lambda c: c.key):
             log.info("%s: answering messages left unanswered", conversation.key)
             started += await self._start_recovery(
@@ -255,7 +261,7 @@ class Pipeline:
             with suppress(Exception):
                 platforms = list(self.adapters)
                 backlog = await self.store.unclaimed(platforms) if platforms else []
-                for conversation in {self._conversation_of(t) for t in backlog}:
+                for conversation in {await self._conversation_of(t) for t in backlog}:
                     self._spawn(self._guarded(self.answer(conversation),
                                               self._event_for(conversation, None)),
                                 conversation.key)
@@ -273,7 +279,8 @@ class Pipeline:
     async def handle(self, event: Incoming) -> None:
         adapter = self.adapters[event.platform]
         self.metrics.received(event.platform)
-        if not (event.is_direct or event.is_to_me):
+        settings = await self.settings_for(event.platform, event.channel, event.parent)
+        if not (event.is_direct or event.is_to_me or talks_freely(settings, event)):
             self.metrics.ignored(event.platform)
             return
         event = event.with_text(clean_incoming(event.text))
@@ -291,7 +298,7 @@ class Pipeline:
             await self.send(Reply.to(event, result.text, ReplyKind.COMMAND,
                                      private=result.refused))
             return
-        conversation = self.conversation_for(event)
+        conversation = for_event(event, scope_of(settings, self.config.context))
         await self.store.append(Turn.from_event(event))
         if self._closing:
             log.info("%s: shutting down; message stored, answered after the drain or at the "
@@ -299,11 +306,46 @@ class Pipeline:
             return
         await self.answer(conversation)
 
-    def conversation_for(self, event: Incoming) -> Conversation:
-        return Conversation(event.platform, event.channel)
+    async def conversation_for(self, event: Incoming) -> Conversation:
+        settings = await self.settings_for(event.platform, event.channel, event.parent)
+        return for_event(event, scope_of(settings, self.config.context))
 
-    def _conversation_of(self, turn: Turn) -> Conversation:
-        return Conversation(turn.platform, turn.channel)
+    async def _conversation_of(self, turn: Turn) -> Conversation:
+        settings = await self.settings_for(turn.platform, turn.channel)
+        return conversation_of(turn.platform, turn.channel, turn.conversation,
+                               scope_of(settings, self.config.context))
+
+    # --- settings -------------------------------------------------------------------------
+    async def settings_for(self, platform: str, channel: str, parent: str | None = None
+                           ) -> dict:
+        """The channel's settings: its own over its parent's (a Discord thread inherits its
+        channel's), cached for SETTINGS_TTL seconds."""
+        if parent is not None:
+            self._parents[(platform, channel)] = parent
+            if len(self._parents) > 100_000:
+                self._parents.pop(next(iter(self._parents)))
+        else:
+            parent = self._parents.get((platform, channel))
+        own = await self._cached_settings(platform, channel)
+        if parent is None:
+            return own
+        return {**await self._cached_settings(platform, parent), **own}
+
+    async def _cached_settings(self, platform: str, channel: str) -> dict:
+        key = (platform, channel)
+        now = time.monotonic()
+        hit = self._settings.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        values = await self.store.get_settings(platform, channel)
+        if len(self._settings) > 10_000:
+            self._settings = {k: v for k, v in self._settings.items() if v[0] > now}
+        self._settings[key] = (now + SETTINGS_TTL, values)
+        return values
+
+    def settings_changed(self, platform: str, channel: str) -> None:
+        """This instance changed a channel's settings: read them again next time."""
+        self._settings.pop((platform, channel), None)
 
     async def _admit(self, event: Incoming) -> bool:
         cfg = self.config
@@ -353,16 +395,14 @@ class Pipeline:
         event = self._event_for(conversation, newest)
         try:
             async with self._keep_claimed(ids):
-                history = await self.store.recent(conversation.platform, conversation.channel,
-                                                  self.config.history_turns,
-                                                  conversation=conversation.sub,
-                                                  until_seq=newest.seq)
-                overrides = await self.store.get_settings(conversation.platform,
-                                                          conversation.channel)
-                request = GenerationRequest(conversation.key, tuple(history),
+                history = await self._context(conversation, claimed)
+                overrides = await self.settings_for(conversation.platform, conversation.channel)
+                request = GenerationRequest(conversation.key, tuple(with_quotes(history)),
                                             self.commands.effective(overrides))
-                inflight = Inflight(conversation, frozenset(t.author_id for t in history
-                                                            if t.role is Role.USER))
+                inflight = Inflight(conversation,
+                                    frozenset(t.author_id for t in history
+                                              if t.role is Role.USER),
+                                    frozenset(t.id for t in history))
                 try:
                     generated = await self._generate(event, request, inflight)
                 except _Invalidated:
@@ -392,6 +432,19 @@ class Pipeline:
         await self.deliver(Outgoing(stored, (), newest.message_id))
         self.metrics.answered(event.platform)
         return False
+
+    async def _context(self, conversation: Conversation, claimed: list[Turn]) -> list[Turn]:
+        """The stored turns a reply to `claimed` is generated from, oldest first: the reply
+        chain of the newest (chain scope), the author's conversation (user scope) or the
+        channel's history (channel scope), up to the newest claimed message."""
+        newest, limit = claimed[-1], self.config.history_turns
+        if conversation.scope == "chain":
+            history = await self.store.chain(newest.id, limit)
+            inside = {t.id for t in history}
+            missing = [t for t in claimed if t.id not in inside]  # a burst on two branches
+            return history[:-1] + missing + history[-1:]
+        return await self.store.recent(conversation.platform, conversation.channel, limit,
+                                       conversation=conversation.sub, until_seq=newest.seq)
 
     async def _redo(self, conversation: Conversation, ids: list[int]) -> bool:
         """A command changed the history this reply was built from: drop it (and whatever the
@@ -473,7 +526,7 @@ class Pipeline:
     def _resend(self, out: Outgoing):
         """Recovery work for a reply left in the outbox (takes the conversation lock)."""
         async def work(claimed: asyncio.Event) -> None:
-            conversation = self._conversation_of(out.turn)
+            conversation = await self._conversation_of(out.turn)
             try:
                 async with self.lock.hold(conversation.key):
                     claimed.set()

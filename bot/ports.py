@@ -66,7 +66,8 @@ class Store(Protocol):
     (platform, channel[, conversation]). `storage.store.SQLAlchemyStore` documents each method.
 
     Contract: every method commits before it returns (a turn appended is durable); `recent`
-    returns turns in conversation order (by seq, then id), oldest first; `forget` removes one
+    returns turns in conversation order (by seq, then id), oldest first; `append` places a user
+    message in its reply chain (`parent_id`) and `chain` walks it back; `forget` removes one
     user's turns on one platform in every channel, together with the bot turns that answered
     them; `reset` removes a channel's (or one conversation's) turns and keeps its settings;
     `claim` is atomic across instances; `add_reply` stores nothing when what it answers
@@ -88,6 +89,13 @@ class Store(Protocol):
 
     async def reset(self, platform: str, channel: str,
                     conversation: str | None = None) -> int: ...
+
+    async def chain(self, leaf_id: int, limit: int) -> list[Turn]: ...
+
+    async def find_message(self, platform: str, channel: str,
+                           message_id: str) -> Turn | None: ...
+
+    async def reset_branch(self, leaf_id: int) -> int: ...
 
     async def forget(self, platform: str, author_id: str) -> Forgotten: ...
 

@@ -90,6 +90,13 @@ turns = Table(
     # the user turn a bot turn answers; deleting that turn deletes the answer too
     Column("in_reply_to", BigId, ForeignKey("turns.id", ondelete="CASCADE"), nullable=True),
     Column("state", String(16), nullable=False),
+    # reply chains (issue 14): the turn this one follows (no foreign key: see migration 0003;
+    # the store clears ids of deleted turns), the platform message id a user message replies
+    # to, and the text (and role) of that message when the bot never stored it
+    Column("parent_id", BigId, nullable=True),
+    Column("reply_to", String(128), nullable=True),
+    Column("quote", Text, nullable=True),
+    Column("quote_role", String(16), nullable=True),
     # exactly once: the instance answering (or sending) this turn, and until when its claim
     # holds unless renewed; an expired claim may be taken over
     Column("claimed_by", String(80), nullable=True),
@@ -101,6 +108,7 @@ turns = Table(
     Index(None, "platform", "author_id"),
     Index(None, "state"),
     Index(None, "in_reply_to"),
+    Index(None, "parent_id"),
 )
 
 # the outbox's receipts: one row per part of a bot turn the platform confirmed, with the

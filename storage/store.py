@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, TypeVar
 from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import delete, event, func, insert, or_, select, text, update
+from sqlalchemy import delete, event, func, insert, literal, or_, select, text, update
 from sqlalchemy.engine import URL, Connection, Row, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -196,6 +196,8 @@ class SQLAlchemyStore:
                     .limit(1))).first()
                 if row is not None:
                     return self._turn(row)
+            if turn.role is Role.USER and turn.parent_id is None:
+                values.update(await self._place_in_chain(conn, turn))
             result = await conn.execute(insert(turns).values(**values, seq=turn.seq or 0))
             new_id = int(result.inserted_primary_key[0])
             seq = turn.seq
@@ -232,6 +234,8 @@ class SQLAlchemyStore:
         values = self._values(reply) | {"in_reply_to": target}
         if owner is not None and lease > 0:
             values |= {"claimed_by": owner, "claim_until": utcnow() + timedelta(seconds=lease)}
+
+        values["parent_id"] = target if target is not None else reply.parent_id
 
         async def work(conn: AsyncConnection) -> tuple[int, int] | None:
             seq = None
@@ -272,6 +276,106 @@ class SQLAlchemyStore:
                 turns.c.id.in_(ids[start:start + 500]))) or 0)
         return found
 
+    async def _place_in_chain(self, conn: AsyncConnection, turn: Turn) -> dict[str, Any]:
+        """Where a new user message goes in its reply chain: after the message it replies to
+        when that is stored (a user turn by its message id, a bot turn by the id of any of its
+        parts), else, with a quote, at the start of a new chain (the quote is its context),
+        else after the author's own latest turn in this conversation."""
+        if turn.reply_to:
+            found = await self._turn_of_message(conn, turn.platform, turn.channel, turn.reply_to)
+            if found is not None:
+                return {"parent_id": found, "quote": None, "quote_role": None}
+            if turn.quote:
+                return {"parent_id": None}
+        latest = await conn.scalar(
+            select(turns.c.id).where(turns.c.platform == turn.platform,
+                                     turns.c.channel == turn.channel,
+                                     turns.c.conversation == turn.conversation)
+            .order_by(turns.c.seq.desc(), turns.c.id.desc()).limit(1))
+        return {"parent_id": int(latest) if latest is not None else None}
+
+    @staticmethod
+    async def _turn_of_message(conn: AsyncConnection, platform: str, channel: str,
+                               message_id: str) -> int | None:
+        found = await conn.scalar(select(turns.c.id).where(
+            turns.c.platform == platform, turns.c.channel == channel,
+            turns.c.message_id == message_id, turns.c.role == Role.USER.value).limit(1))
+        if found is None:
+            found = await conn.scalar(select(sent_parts.c.turn_id).where(
+                sent_parts.c.platform == platform, sent_parts.c.channel == channel,
+                sent_parts.c.message_id == message_id).limit(1))
+        return int(found) if found is not None else None
+
+    async def find_message(self, platform: str, channel: str, message_id: str) -> Turn | None:
+        """The stored turn of a platform message: a user message, or any part of a bot reply."""
+        async def work(conn: AsyncConnection) -> Turn | None:
+            found = await self._turn_of_message(conn, platform, channel, message_id)
+            if found is None:
+                return None
+            row = (await conn.execute(select(turns).where(turns.c.id == found))).first()
+            return self._turn(row) if row is not None else None
+
+        return await self._run("find_message", work, write=False)
+
+    async def chain(self, leaf_id: int, limit: int) -> list[Turn]:
+        """The reply chain that leads to turn `leaf_id`: at most `limit` turns, root first
+        (one recursive query; each step is a primary-key lookup)."""
+        if limit <= 0:
+            return []
+        walk = (select(turns.c.id, turns.c.parent_id, literal(1).label("depth"))
+                .where(turns.c.id == leaf_id).cte("chain", recursive=True))
+        up = turns.alias("up")
+        walk = walk.union_all(select(up.c.id, up.c.parent_id, (walk.c.depth + 1).label("depth"))
+                              .where(up.c.id == walk.c.parent_id, walk.c.depth < limit))
+        query = (select(turns).join(walk, turns.c.id == walk.c.id)
+                 .order_by(walk.c.depth.desc()))
+
+        async def work(conn: AsyncConnection) -> list[Turn]:
+            return [self._turn(row) for row in (await conn.execute(query)).all()]
+
+        return await self._run("chain", work, write=False)
+
+    async def reset_branch(self, leaf_id: int) -> int:
+        """Remove the branch that leads to turn `leaf_id`: it and its ancestors in the same
+        conversation (the branch author's messages and the bot's answers to them). Later
+        messages that followed a removed turn start a new chain."""
+        async def work(conn: AsyncConnection) -> int:
+            row = (await conn.execute(select(turns.c.platform, turns.c.channel,
+                                             turns.c.conversation)
+                                      .where(turns.c.id == leaf_id))).first()
+            if row is None:
+                return 0
+            ids, current = [], leaf_id
+            while current is not None and len(ids) < 100_000:
+                step = (await conn.execute(select(turns.c.parent_id, turns.c.conversation)
+                                           .where(turns.c.id == current))).first()
+                if step is None:
+                    break
+                if step.conversation == row.conversation:
+                    ids.append(current)
+                current = step.parent_id
+            removed = 0
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                removed += await self._rowcount(conn, delete(turns).where(
+                    turns.c.in_reply_to.in_(part), turns.c.id.not_in(part)))
+                removed += await self._rowcount(conn, delete(turns).where(turns.c.id.in_(part)))
+            await self._orphan(conn, row.platform, [row.channel])
+            return removed
+
+        return await self._run("reset_branch", work)
+
+    @staticmethod
+    async def _orphan(conn: AsyncConnection, platform: str, channels: Sequence[str]) -> None:
+        """Turns whose parent was deleted start a new chain (ids may be reused by SQLite)."""
+        gone = turns.alias("gone")
+        for channel in channels:
+            await conn.execute(update(turns).where(
+                turns.c.platform == platform, turns.c.channel == channel,
+                turns.c.parent_id.is_not(None),
+                ~select(gone.c.id).where(gone.c.id == turns.c.parent_id).exists())
+                .values(parent_id=None))
+
     async def recent(self, platform: str, channel: str, limit: int,
                      conversation: str | None = None, until_seq: int | None = None
                      ) -> list[Turn]:
@@ -304,7 +408,10 @@ class SQLAlchemyStore:
             # answers first: rows removed by ON DELETE CASCADE are not counted by SQLite
             answers = await self._rowcount(conn, delete(turns).where(
                 *here, turns.c.in_reply_to.is_not(None)))
-            return answers + await self._rowcount(conn, delete(turns).where(*here))
+            removed = answers + await self._rowcount(conn, delete(turns).where(*here))
+            if conversation is not None:
+                await self._orphan(conn, platform, [channel])
+            return removed
 
         return await self._run("reset", work)
 
@@ -319,9 +426,11 @@ class SQLAlchemyStore:
 
         async def work(conn: AsyncConnection) -> Forgotten:
             channels = (await conn.execute(select(turns.c.channel).where(*mine).distinct())).all()
+            touched = sorted(row[0] for row in channels)
             await conn.execute(their_answers)
             removed = await self._rowcount(conn, delete(turns).where(*mine))
-            return Forgotten(removed, tuple(sorted(row[0] for row in channels)))
+            await self._orphan(conn, platform, touched)
+            return Forgotten(removed, tuple(touched))
 
         return await self._run("forget", work)
 
@@ -467,7 +576,7 @@ class SQLAlchemyStore:
             await conn.execute(update(turns).where(*where, self._claimable(now, dead))
                                .values(claimed_by=owner, claim_until=until))
             rows = (await conn.execute(
-                select(turns, answered.c.message_id.label("reply_to"))
+                select(turns, answered.c.message_id.label("answers_message"))
                 .select_from(turns.outerjoin(answered, answered.c.id == turns.c.in_reply_to))
                 .where(*where, turns.c.claimed_by == owner, turns.c.claim_until == until)
                 .order_by(turns.c.id))).all()
@@ -476,7 +585,8 @@ class SQLAlchemyStore:
                 parts = (await conn.execute(select(sent_parts.c.message_id)
                                             .where(sent_parts.c.turn_id == row.id)
                                             .order_by(sent_parts.c.part))).all()
-                out.append(Outgoing(self._turn(row), tuple(p[0] for p in parts), row.reply_to))
+                out.append(Outgoing(self._turn(row), tuple(p[0] for p in parts),
+                                    row.answers_message))
             return out
 
         return await self._run("claim_outbox", work)
@@ -667,6 +777,8 @@ class SQLAlchemyStore:
             "token_ids": tuple(turn.token_ids) if turn.token_ids is not None else None,
             "in_reply_to": turn.in_reply_to, "state": TurnState(turn.state).value,
             "created_at": created, "conversation": turn.conversation,
+            "parent_id": turn.parent_id, "reply_to": turn.reply_to, "quote": turn.quote,
+            "quote_role": Role(turn.quote_role).value if turn.quote_role else None,
         }
 
     @staticmethod
@@ -676,4 +788,5 @@ class SQLAlchemyStore:
                     message_id=row.message_id, token_ids=row.token_ids,
                     in_reply_to=row.in_reply_to, state=TurnState(row.state),
                     created_at=row.created_at, id=int(row.id), conversation=row.conversation,
-                    seq=int(row.seq))
+                    seq=int(row.seq), parent_id=row.parent_id, reply_to=row.reply_to,
+                    quote=row.quote, quote_role=Role(row.quote_role) if row.quote_role else None)

@@ -270,7 +270,7 @@ async def test_reset_during_a_slow_generation_drops_the_old_reply(slow_bot):
 
 
 async def test_forget_during_a_slow_generation_regenerates_without_the_forgotten_text(slow_bot):
-    app, platform, gen, tap = await slow_bot()
+    app, platform, gen, tap = await slow_bot(context="channel")  # Bob's prompt has Alice's
     group = dict(channel="-9", direct=False, to_me=True)
     alice_secret = "alice private words"
     await app.pipeline.process(message(alice_secret, author="1", **group))
