@@ -25,10 +25,12 @@ chat: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
-# throughput and latency of every generator option, then what reply quality costs
+# throughput and latency of every generator option, what reply quality costs, and how long
+# fetching a group message's context takes in a busy channel
 bench: $(STAMP)
 	$(PY) bench/bench.py $(ARGS)
 	$(PY) bench/bench_quality.py --lm-shape small --ranker-shape medium --new-tokens 40 $(QUALITY_ARGS)
+	$(PY) bench/bench_context.py --json bench/results/context.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -56,6 +56,7 @@ EMPTY = "Say something and I'll answer."
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
 SLOW = "Sorry, that took me too long. Please try again."
 MAX_REGENERATIONS = 3  # a reply invalidated by a command is regenerated at most this often
+RECOVERY_WAIT = 10.0  # seconds start-up waits for one conversation's lock during recovery
 SETTINGS_TTL = 5.0  # seconds a channel's settings are cached (other instances' changes show
 # after at most this long; this instance's own changes at once)
 
@@ -234,12 +235,14 @@ class Pipeline:
 
     async def _start_recovery(self, work, conversation: Conversation) -> int:
         """Run `work(claimed_event)` in its own task; wait until it holds the lock and has
-        claimed (or found nothing)."""
+        claimed (or found nothing). A lock another instance holds is not waited for longer
+        than RECOVERY_WAIT seconds: the task keeps its place in the queue meanwhile."""
         state = _Recovery()
         event = self._event_for(conversation, None)
         task = self._spawn(self._guarded(work(state.claimed), event), conversation.key)
         waiter = asyncio.ensure_future(state.claimed.wait())
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, timeout=RECOVERY_WAIT,
+                           return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         return 1
 

@@ -92,6 +92,7 @@ class Post:
     payload: dict[str, Any]
     message_id: int
     interaction_id: int | None = None
+    message: dict[str, Any] | None = None  # the Message object (to reply to it)
 
     @property
     def content(self) -> str:
@@ -551,7 +552,7 @@ class FakeDiscord:
         if failures:
             self._fail_plan[0] -= 1
         msg = self._bot_message(cid, body.get("content") or "")
-        self.posts.append(Post("message", cid, body, int(msg["id"])))
+        self.posts.append(Post("message", cid, body, int(msg["id"]), message=msg))
         # Discord echoes the bot's own message through the gateway
         guild = cid in (self.general, self.free, self.thread)
         await self.dispatch("MESSAGE_CREATE", msg, self.guild_id if guild else None)

@@ -72,6 +72,7 @@ class CountingGenerator:
     def __init__(self, inner):
         self.inner = inner
         self.requests: list[GenerationRequest] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each reply, monotonic
         self.fail_next: list[BaseException] = []
         self.gate: asyncio.Event | None = None
 
@@ -88,13 +89,29 @@ class CountingGenerator:
     def queue_depth(self):
         return self.inner.queue_depth
 
+    @property
+    def ready(self):
+        return getattr(self.inner, "ready", True)
+
+    @property
+    def backend(self):
+        return self.inner.backend
+
     async def reply(self, request):
         self.requests.append(request)
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_next:
             raise self.fail_next.pop(0)
-        return await self.inner.reply(request)
+        start = time.monotonic()
+        try:
+            return await self.inner.reply(request)
+        finally:
+            self.spans.append((start, time.monotonic()))
+
+    def prompts(self) -> list[list[str]]:
+        """The texts of each request's turns, in order (what the model was asked with)."""
+        return [[t.text for t in r.turns] for r in self.requests]
 
 
 async def send_all(adapter, reply: Reply) -> list[str | None]:

@@ -92,15 +92,18 @@ def test_reply_to_a_bot_message_is_addressed(world: World) -> None:
     assert not event.is_to_me and event.reply_to == human["id"]
 
 
-def test_free_talk_channel_and_its_threads_are_addressed(world: World) -> None:
+def test_free_talk_channels_and_their_threads_are_marked_and_threads_name_their_parent(
+        world: World) -> None:
     f = world.fake
-    assert world.event(world.message(f.alice, f.free, "anyone?"), {f.free}).is_to_me
-    assert not world.event(world.message(f.alice, f.free, "anyone?"), set()).is_to_me
+    free = world.event(world.message(f.alice, f.free, "anyone?"), {f.free})
+    assert free.free_talk and not free.is_to_me  # answered by talk=all, not as addressed
+    assert not world.event(world.message(f.alice, f.free, "anyone?"), set()).free_talk
     # the thread lives under #general: free only when its parent is
     in_thread = world.message(f.alice, f.thread, "in a thread")
     event = world.event(in_thread, {f.general})
-    assert event.is_to_me and event.channel == str(f.thread)
-    assert not world.event(in_thread, {f.free}).is_to_me
+    assert event.free_talk and event.channel == str(f.thread) and event.parent == str(f.general)
+    assert not world.event(in_thread, {f.free}).free_talk
+    assert world.event(world.message(f.alice, f.general, "x"), set()).parent is None
 
 
 @pytest.mark.parametrize("who", ["bot", "other_bot"])

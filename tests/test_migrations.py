@@ -171,6 +171,7 @@ OLD_HISTORY = [  # (id, channel, role, text, author, message id, in_reply_to, st
 
 
 async def _at_revision(url: str, revision: str) -> None:
+    """Migrate an empty database to `revision` and write OLD_HISTORY into it."""
     from alembic import command
     from alembic.config import Config
 
@@ -191,14 +192,20 @@ async def _at_revision(url: str, revision: str) -> None:
     try:
         async with engine.begin() as conn:
             await conn.run_sync(upgrade)
+            extra = ("", "")
+            if revision != "0001":  # 0002 added the conversation order and conversations
+                extra = (", seq, conversation", ", :seq, :conversation")
             for row in OLD_HISTORY:
+                values = dict(zip(("id", "channel", "role", "text", "author", "mid", "irt",
+                                   "state"), row))
+                values.update(seq=values["irt"] or values["id"],
+                              conversation=f"u:{values['author']}" if values["author"] else
+                              f"u:{OLD_HISTORY[values['irt'] - 1][4]}")
                 await conn.execute(text(
                     "INSERT INTO turns (id, platform, channel, role, text, author_id, "
-                    "author_name, message_id, token_ids, in_reply_to, state, created_at) VALUES "
-                    "(:id, 'telegram', :channel, :role, :text, :author, 'n', :mid, NULL, :irt, "
-                    ":state, CURRENT_TIMESTAMP)"),
-                    dict(zip(("id", "channel", "role", "text", "author", "mid", "irt", "state"),
-                             row)))
+                    f"author_name, message_id, token_ids, in_reply_to, state, created_at"
+                    f"{extra[0]}) VALUES (:id, 'telegram', :channel, :role, :text, :author, "
+                    f"'n', :mid, NULL, :irt, :state, CURRENT_TIMESTAMP{extra[1]})"), values)
             if engine.dialect.name == "postgresql":
                 await conn.execute(text("SELECT setval(pg_get_serial_sequence('turns', 'id'), "
                                         "(SELECT max(id) FROM turns))"))
@@ -206,13 +213,15 @@ async def _at_revision(url: str, revision: str) -> None:
         await engine.dispose()
 
 
+@pytest.mark.parametrize("revision", ["0001", "0002"])
 async def test_upgrading_a_database_with_history_keeps_every_turn_in_conversation_order(
-        kind, tmp_path):
-    """A database made by revision 0001, with a reply stored after a message that arrived
-    while it was generated (the old row-id order), is brought to head: every turn is still
-    there, each reply sorts right after what it answers, and the bot keeps working on it."""
+        kind, revision, tmp_path):
+    """A database made by an earlier revision (0001: with a reply stored after a message that
+    arrived while it was generated, the old row-id order) is brought to head: every turn is
+    still there, each reply sorts right after what it answers, every turn is in a reply chain
+    that follows its author's exchange with the bot, and the bot keeps working on it."""
     url = await fresh_url(kind, tmp_path)
-    await _at_revision(url, "0001")
+    await _at_revision(url, revision)
     store = SQLAlchemyStore(url)
     await store.start()  # migrates to head
     try:
@@ -222,9 +231,14 @@ async def test_upgrading_a_database_with_history_keeps_every_turn_in_conversatio
                                            "reply to the second"]
         assert [t.conversation for t in turns] == ["u:7", "u:7", "u:8", "u:8"]
         assert [t.id for t in await store.pending()] == [5]
-        asked = await store.append(user("new after the upgrade", "c1", author="7"))
-        assert asked.id == 6 and asked.seq == 6
+        assert [t.text for t in await store.chain(4, 50)] == [
+            "asked while the reply was generated", "reply to the second"]
+        asked = await store.append(user("new after the upgrade", "c1", author="7",
+                                        conversation="u:7"))
+        assert asked.id == 6 and asked.seq == 6 and asked.parent_id == 3
         assert (await store.recent("telegram", "c1", 10))[-1].text == "new after the upgrade"
+        assert [t.text for t in await store.chain(asked.id, 50)] == [
+            "first question", "reply to the first", "new after the upgrade"]
         assert (await _version_and_schema(store))[0] == [HEAD]
     finally:
         await store.stop()

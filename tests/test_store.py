@@ -459,3 +459,24 @@ async def test_settings_changed_at_once_are_merged_not_lost(store):
     assert await store.update_settings("telegram", "c4", {"k0": None}) == {
         f"k{i}": i for i in range(1, 8)}
     assert await store.update_settings("telegram", "c4", {"x": 1}, clear=True) == {"x": 1}
+
+
+# --- reply chains (issue 14) -----------------------------------------------------------------
+async def test_chains_follow_replies_parts_and_the_authors_last_turn(store):
+    a1 = await store.append(user("a1", "g", "a", conversation="u:a"))
+    r1 = await store.add_reply(bot("r1", "g", conversation="u:a"), [a1.id])
+    await store.confirm_part(r1.id, 0, "p0", last=False)
+    await store.confirm_part(r1.id, 1, "p1", last=True)
+    a2 = await store.append(user("a2", "g", "a", conversation="u:a"))  # replies to nothing
+    assert a2.parent_id == r1.id
+    b1 = await store.append(user("b1", "g", "b", conversation="u:b", reply_to="p1"))
+    assert b1.parent_id == r1.id  # the second part of r1 is r1
+    q = await store.append(user("q", "g", "b", conversation="u:b", reply_to="unknown",
+                                quote="someone else's words", quote_role=Role.USER))
+    assert q.parent_id is None and q.quote == "someone else's words"
+    assert [t.text for t in await store.chain(b1.id, 10)] == ["a1", "r1", "b1"]
+    assert [t.text for t in await store.chain(b1.id, 2)] == ["r1", "b1"]  # newest within limit
+    assert (await store.find_message("telegram", "g", "p0")).id == r1.id
+    # forgetting a's turns cuts b's chain where it followed them
+    await store.forget("telegram", "a")
+    assert [t.text for t in await store.chain(b1.id, 10)] == ["b1"]

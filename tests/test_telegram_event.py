@@ -130,12 +130,21 @@ def test_reply_to_bot_message_is_addressed():
     e = event({"update_id": 1, **ft.group_update("really?", reply_to=bot_msg)})
     assert e is not None and e.is_to_me and e.reply_to == str(bot_msg["message_id"])
     assert e.text == "really?"
+    assert e.quote == "I am a bot" and e.quote_from_bot
 
 
 def test_reply_to_a_human_is_not_addressed():
     other = ft.message("hello", -100200300, ft.user(333, "Carol"))
     e = event({"update_id": 1, **ft.group_update("hi Carol", reply_to=other)})
     assert e is not None and not e.is_to_me
+    assert e.quote == "hello" and not e.quote_from_bot  # context if the bot is addressed
+
+
+def test_a_forum_topic_start_is_not_a_reply():
+    topic = ft.message(None, -100200300, ft.user(333, "Carol"),
+                       forum_topic_created={"name": "t", "icon_color": 1})
+    e = event({"update_id": 1, **ft.group_update(f"@{BOT} hi", reply_to=topic)})
+    assert e is not None and e.reply_to is None and e.quote is None
 
 
 def test_command_for_this_bot_is_normalised():
