@@ -29,3 +29,8 @@ class StoreError(BotError):
 
 class PlatformError(BotError):
     """A platform adapter could not deliver or start."""
+
+
+class DataError(ConfigError):
+    """A training or export input is unusable (missing, empty, not UTF-8, wrong columns, a bad
+    line); the message is one line naming the file, and the line number where there is one."""
