@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -255,7 +256,8 @@ def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = ()
     if main:
         paths.prepare(resume=options.resume)
     _barrier()
-    before = saved["perplexity_before"] if saved else _perplexity(trainer, eval_set)
+    before = (saved["perplexity_before"] if saved
+              else _perplexity(trainer, eval_set, collator, options.batch_size))
     if main:
         paths.write_run({"run": run, "perplexity_before": before})
     if eval_set:
@@ -277,7 +279,7 @@ def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = ()
         checkpoint = paths.work / f"checkpoint-{state.global_step}"
         return TrainResult(options.out, state.global_step, before, None, speed, True,
                            checkpoint)
-    after = _perplexity(trainer, eval_set)
+    after = _perplexity(trainer, eval_set, collator, options.batch_size)
     if eval_set:
         report(f"perplexity after training: {after:.4g} (before: {before:.4g})")
     trainer.save_model(str(paths.staged))
@@ -330,10 +332,14 @@ def _trainer(options: TrainOptions, model: Any, paths: OutputDir, train_set: lis
         warmup_steps=0, weight_decay=0.0, seed=options.seed, data_seed=options.seed,
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=2,
         eval_strategy="no", logging_steps=0.1, report_to="none",
-        remove_unused_columns=False, prediction_loss_only=True,
+        disable_tqdm=not sys.stderr.isatty(),  # a progress bar on a terminal, lines in a log
+        remove_unused_columns=False,
         bf16=kind == "bf16", fp16=kind == "fp16", dataloader_pin_memory=device == "cuda",
         ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False,
+        # each process's loss is its own tokens' mean and DDP averages the gradients: the
+        # logged loss stays per token (True multiplies it by the number of processes)
+        average_tokens_across_devices=False)
     collator = Collator(model.config.eos_token_id if model.config.eos_token_id is not None
                         else model.config.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
@@ -341,12 +347,36 @@ def _trainer(options: TrainOptions, model: Any, paths: OutputDir, train_set: lis
     return trainer, collator
 
 
-def _perplexity(trainer: Any, eval_set: list[Encoded]) -> float | None:
-    """exp(mean cross-entropy) over the held-out examples' labelled tokens; None without any."""
+def _perplexity(trainer: Any, eval_set: list[Encoded], collator: Collator,
+                batch_size: int) -> float | None:
+    """exp(mean cross-entropy per labelled token) over the held-out examples, each process
+    scoring its share; None without held-out examples."""
     if not eval_set:
         return None
-    loss = trainer.evaluate(eval_set)["eval_loss"]
-    return math.exp(min(loss, 700.0))
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
+    mine = eval_set[rank()::world_size()]
+    with torch.no_grad(), trainer.autocast_smart_context_manager():
+        for start in range(0, len(mine), batch_size):
+            batch = {k: v.to(trainer.args.device)
+                     for k, v in collator(mine[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            totals[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         labels.reshape(-1), ignore_index=IGNORE,
+                                         reduction="sum").double()
+            totals[1] += int((labels != IGNORE).sum())
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return math.exp(min(float(totals[0] / totals[1]), 700.0))
 
 
 def _summary(options: TrainOptions, run: dict[str, Any], corpus: Corpus,
