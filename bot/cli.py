@@ -144,7 +144,7 @@ def train(
     DIALOGBOT_MODEL can point at."""
     import shlex
 
-    from bot.train import TrainOptions, rank, train as run_training
+    from bot.train import TrainOptions, rank, train as run_training, world_size
     from bot.trainingdata import CsvColumns
 
     options = TrainOptions(
@@ -166,6 +166,8 @@ def train(
         if rank() == 0:
             again = shlex.join(["dialogbot", *sys.argv[1:]])
             again += "" if "--resume" in sys.argv else " --resume"
+            if world_size() > 1:
+                again = f"the same torchrun / accelerate launch command ({again})"
             typer.echo(f"stopped at step {result.steps}; checkpoint saved in "
                        f"{result.checkpoint}\nresume with: {again}", err=True)
         raise typer.Exit(130)

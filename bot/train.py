@@ -112,7 +112,8 @@ def world_size() -> int:
 
 @contextmanager
 def stop_on_signals(stop: StopRequest, say: Say) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop` once; a second one interrupts at once."""
+    """SIGINT and SIGTERM set `stop`; a second SIGINT interrupts at once. (A SIGTERM never
+    does: torchrun sends one to every worker after the terminal's Ctrl-C reached them.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -120,7 +121,9 @@ def stop_on_signals(stop: StopRequest, say: Say) -> Iterator[None]:
 
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         stop.set()
         say("stopping: saving a checkpoint after this step (Ctrl-C again to quit at once)")
 
@@ -216,15 +219,27 @@ def precision() -> tuple[str, str]:
     return "cpu", "fp32"
 
 
-def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = (),
-          stop: StopRequest | None = None) -> TrainResult:
-    """Check everything, train, write `options.out` (see module docstring)."""
+@dataclass(slots=True)
+class Plan:
+    """Everything checked and loaded before anything is written."""
+
+    run: dict[str, Any]  # the settings and data hash (run.json, the model card)
+    saved: dict[str, Any] | None  # run.json of the interrupted run being resumed
+    corpus: Corpus
+    model: Any
+    tokenizer: Any
+    train_set: list[Encoded]
+    eval_set: list[Encoded]
+    skipped: int
+
+
+def plan(options: TrainOptions, report: Say) -> Plan:
+    """Check the settings, data, output directory and base model; encode the examples.
+    Every problem is a one-line ConfigError / DataError; nothing is written."""
     if options.loss not in LOSSES:
         raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, not {options.loss!r}")
     if not options.lr > 0:
         raise ConfigError(f"--lr must be above 0, not {options.lr}")
-    main = rank() == 0
-    report: Say = say if main else (lambda _line: None)
     fmt = detect_format(options.data, options.format)
     corpus = read_corpus(options.data, fmt, character=options.character,
                          columns=options.columns, context_lines=options.context_lines)
@@ -245,50 +260,53 @@ def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = ()
         raise ConfigError(f"{options.data}: every response is longer than --block-size "
                           f"{options.block_size}")
     train_idx, eval_idx = split(len(encoded), options.eval_fraction, options.seed)
-    train_set = [encoded[i] for i in train_idx]
-    eval_set = [encoded[i] for i in eval_idx]
-    report(f"{options.data}: {len(corpus.examples)} examples ({len(train_set)} to train on, "
-           f"{len(eval_set)} held out, {skipped} skipped as longer than the block)")
+    report(f"{options.data}: {len(corpus.examples)} examples ({len(train_idx)} to train on, "
+           f"{len(eval_idx)} held out, {skipped} skipped as longer than the block)")
+    return Plan(run, saved, corpus, model, tokenizer, [encoded[i] for i in train_idx],
+                [encoded[i] for i in eval_idx], skipped)
 
-    stopper = stop or StopRequest()
-    trainer, collator = _trainer(options, model, paths, train_set, callbacks, stopper, report)
+
+def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = (),
+          stop: StopRequest | None = None) -> TrainResult:
+    """Check everything, train, write `options.out` (see module docstring)."""
+    main = rank() == 0
+    report: Say = say if main else (lambda _line: None)
+    p = plan(options, report)
+    paths = OutputDir(options.out)
+    stop = stop or StopRequest()
+    trainer, collator = _trainer(options, p.model, paths, p.train_set, callbacks, stop, report)
     _barrier()  # every rank has checked the output directory before rank 0 touches it
     if main:
         paths.prepare(resume=options.resume)
     _barrier()
-    before = (saved["perplexity_before"] if saved
-              else _perplexity(trainer, eval_set, collator, options.batch_size))
+    before = (p.saved["perplexity_before"] if p.saved
+              else _perplexity(trainer, p.eval_set, collator, options.batch_size))
     if main:
-        paths.write_run({"run": run, "perplexity_before": before})
-    if eval_set:
-        report(f"perplexity before training: {before:.4g} (on {len(eval_set)} held-out "
+        paths.write_run({"run": p.run, "perplexity_before": before})
+    if p.eval_set:
+        report(f"perplexity before training: {before:.4g} (on {len(p.eval_set)} held-out "
                "examples)")
-    collator.tokens = 0
     resume_from = paths.last_checkpoint() if options.resume else None
     if resume_from is not None:
         report(f"resuming from {resume_from}")
-    with stop_on_signals(stopper, report):
-        if stopper.is_set():
-            raise KeyboardInterrupt
+    collator.tokens = 0
+    with stop_on_signals(stop, report):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from
                                else None)
     seconds = float(output.metrics.get("train_runtime", 0.0)) or 1e-9
     speed = collator.tokens * world_size() / seconds
     state = trainer.state
-    if stopper.is_set() and state.global_step < state.max_steps:
-        checkpoint = paths.work / f"checkpoint-{state.global_step}"
+    if stop.is_set() and state.global_step < state.max_steps:
         return TrainResult(options.out, state.global_step, before, None, speed, True,
-                           checkpoint)
-    after = _perplexity(trainer, eval_set, collator, options.batch_size)
-    if eval_set:
+                           paths.work / f"checkpoint-{state.global_step}")
+    after = _perplexity(trainer, p.eval_set, collator, options.batch_size)
+    if p.eval_set:
         report(f"perplexity after training: {after:.4g} (before: {before:.4g})")
     trainer.save_model(str(paths.staged))
     if main:
-        tokenizer.save_pretrained(str(paths.staged))
-        (paths.staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card says it
-        summary = _summary(options, run, corpus, train_set, eval_set, skipped, state,
-                           seconds, speed, before, after)
-        paths.finish(summary)
+        p.tokenizer.save_pretrained(str(paths.staged))
+        (paths.staged / "training_args.bin").unlink(missing_ok=True)  # a pickle, not needed
+        paths.finish(_summary(options, p, state, seconds, speed, before, after))
         report(f"model written to {options.out} ({state.global_step} steps, "
                f"{speed:.0f} tokens/s); chat with it: DIALOGBOT_MODEL={options.out} "
                "dialogbot chat")
@@ -379,21 +397,18 @@ def _perplexity(trainer: Any, eval_set: list[Encoded], collator: Collator,
     return math.exp(min(float(totals[0] / totals[1]), 700.0))
 
 
-def _summary(options: TrainOptions, run: dict[str, Any], corpus: Corpus,
-             train_set: list[Encoded], eval_set: list[Encoded], skipped: int, state: Any,
-             seconds: float, speed: float, before: float | None,
-             after: float | None) -> dict[str, Any]:
+def _summary(options: TrainOptions, p: Plan, state: Any, seconds: float, speed: float,
+             before: float | None, after: float | None) -> dict[str, Any]:
     device, kind = precision()
-    trained = sum(sum(1 for v in e.labels if v != IGNORE) for e in train_set)
     return dict(
         name=options.out.name, out=str(options.out), base=options.base, data=str(options.data),
-        format=run["format"], data_sha256=run["data_sha256"], character=options.character,
-        examples=dict(train=len(train_set), eval=len(eval_set), skipped=skipped,
-                      dialogues=len(corpus.dialogues)),
-        tokens=dict(input=sum(len(e.input_ids) for e in train_set), trained=trained),
-        settings={k: v for k, v in run.items() if k != "data_sha256"}, steps=state.global_step, epochs_done=state.epoch,
-        train_seconds=round(seconds, 1), tokens_per_second=round(speed, 1), device=device,
-        precision=kind, processes=world_size(),
-        perplexity=dict(before=before, after=after), version=__version__,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
+        format=p.run["format"], data_sha256=p.run["data_sha256"], character=options.character,
+        examples=dict(train=len(p.train_set), eval=len(p.eval_set), skipped=p.skipped,
+                      dialogues=len(p.corpus.dialogues)),
+        tokens=dict(input=sum(len(e.input_ids) for e in p.train_set),
+                    trained=sum(sum(v != IGNORE for v in e.labels) for e in p.train_set)),
+        settings={k: v for k, v in p.run.items() if k != "data_sha256"},
+        steps=state.global_step, epochs_done=state.epoch, train_seconds=round(seconds, 1),
+        tokens_per_second=round(speed, 1), device=device, precision=kind,
+        processes=world_size(), perplexity=dict(before=before, after=after),
+        version=__version__, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
