@@ -170,6 +170,7 @@ def load_base(base: str) -> tuple[Any, Any, int]:
     if len(tokenizer) == 0 or tokenizer.eos_token_id is None:
         raise ConfigError(f"--base {base!r}: the tokenizer is empty or has no end-of-text "
                           "token")
+    model.loss_type = "ForCausalLM"  # what GPT-2 uses; left unset transformers warns about it
     positions = int(getattr(model.config, "n_positions", None)
                     or model.config.max_position_embeddings)
     return model, tokenizer, positions
@@ -249,7 +250,6 @@ def plan(options: TrainOptions, report: Say) -> Plan:
     saved = paths.read_run() if options.resume else None
     if saved is not None:
         same_run(saved["run"], run)
-    _quiet_transformers()
     model, tokenizer, positions = load_base(options.base)
     if options.block_size > positions:
         raise ConfigError(f"--block-size {options.block_size} is more than the model's "
@@ -269,6 +269,12 @@ def plan(options: TrainOptions, report: Say) -> Plan:
 def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = (),
           stop: StopRequest | None = None) -> TrainResult:
     """Check everything, train, write `options.out` (see module docstring)."""
+    with _quiet_transformers():
+        return _train(options, say, callbacks, stop)
+
+
+def _train(options: TrainOptions, say: Say, callbacks: Sequence[Any],
+           stop: StopRequest | None) -> TrainResult:
     main = rank() == 0
     report: Say = say if main else (lambda _line: None)
     p = plan(options, report)
@@ -313,11 +319,20 @@ def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = ()
     return TrainResult(options.out, state.global_step, before, after, speed)
 
 
-def _quiet_transformers() -> None:
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Only transformers' errors and no loading bars while training; put back afterwards."""
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _trainer(options: TrainOptions, model: Any, paths: OutputDir, train_set: list[Encoded],
@@ -330,7 +345,8 @@ def _trainer(options: TrainOptions, model: Any, paths: OutputDir, train_set: lis
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             report(f"training: {state.max_steps} steps of {options.batch_size} x "
-                   f"{options.grad_accum} examples per process ({world_size()} processes)")
+                   f"{options.grad_accum} examples per process ({world_size()} process"
+                   f"{'es' if world_size() > 1 else ''})")
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if stop.agreed():
