@@ -9,18 +9,16 @@
 - Ctrl-C (or SIGTERM) asks to stop: the current step ends, a checkpoint is saved, and the
   result says `interrupted`; a second Ctrl-C stops at once.
 - Every bad input is a one-line `ConfigError` / `DataError` raised before training starts.
+Processes and stopping: bot.trainprocess; the output directory and model card: bot.trainoutput.
 torch and transformers are imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,8 +30,7 @@ from bot.errors import ConfigError
 from bot.trainingdata import (IGNORE, LOSSES, Corpus, CsvColumns, Encoded, detect_format,
                               encode_corpus, file_sha256, read_corpus)
 from bot.trainoutput import OutputDir, same_run
-
-Say = Callable[[str], None]
+from bot.trainprocess import Say, StopRequest, barrier, rank, stop_on_signals, world_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,80 +74,6 @@ class TrainResult:
     tokens_per_second: float
     interrupted: bool = False
     checkpoint: Path | None = None
-
-
-class StopRequest:
-    """Set by Ctrl-C / SIGTERM (or a test): save a checkpoint and stop after this step."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def agreed(self) -> bool:
-        """Whether any process asked to stop (every data-parallel rank stops at one step)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.is_set()
-        flag = _tensor([1 if self.is_set() else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@contextmanager
-def stop_on_signals(stop: StopRequest, say: Say) -> Iterator[None]:
-    """SIGINT and SIGTERM set `stop`; a second SIGINT interrupts at once. (A SIGTERM never
-    does: torchrun sends one to every worker after the terminal's Ctrl-C reached them.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        stop.set()
-        say("stopping: saving a checkpoint after this step (Ctrl-C again to quit at once)")
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def _tensor(values: list[int]):
-    import torch
-    import torch.distributed as dist
-
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
-    return torch.tensor(values, device=device)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def load_base(base: str) -> tuple[Any, Any, int]:
@@ -281,10 +204,10 @@ def _train(options: TrainOptions, say: Say, callbacks: Sequence[Any],
     paths = OutputDir(options.out)
     stop = stop or StopRequest()
     trainer, collator = _trainer(options, p.model, paths, p.train_set, callbacks, stop, report)
-    _barrier()  # every rank has checked the output directory before rank 0 touches it
+    barrier()  # every rank has checked the output directory before rank 0 touches it
     if main:
         paths.prepare(resume=options.resume)
-    _barrier()
+    barrier()
     before = (p.saved["perplexity_before"] if p.saved
               else _perplexity(trainer, p.eval_set, collator, options.batch_size))
     if main:
