@@ -34,3 +34,8 @@ class PlatformError(BotError):
 class UndeliverableError(PlatformError):
     """The platform refused a message for good (chat gone, bot blocked or kicked): retrying
     cannot help."""
+
+
+class DataError(ConfigError):
+    """A training or export input is unusable (missing, empty, not UTF-8, wrong columns, a bad
+    line); the message is one line naming the file, and the line number where there is one."""

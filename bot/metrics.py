@@ -119,7 +119,7 @@ class TimedStore:
     _TIMED = ("append", "add_reply", "recent", "reset", "forget", "count", "pending", "mark",
               "get_settings", "set_settings", "update_settings", "claim", "renew", "release",
               "unclaimed", "claim_outbox", "confirm_part", "sent_ids", "claim_owners", "chain",
-              "find_message", "reset_branch")
+              "find_message", "reset_branch", "channels")
 
     def __init__(self, inner: Any, metrics: Metrics):
         self.inner = inner

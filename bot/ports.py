@@ -87,6 +87,10 @@ class Store(Protocol):
                      conversation: str | None = None, until_seq: int | None = None
                      ) -> list[Turn]: ...
 
+    async def channels(self, platform: str) -> list[str]:
+        """Every channel of `platform` that has stored turns, sorted."""
+        ...
+
     async def reset(self, platform: str, channel: str,
                     conversation: str | None = None) -> int: ...
 

@@ -413,6 +413,16 @@ class SQLAlchemyStore:
 
         return await self._run("recent", work, write=False)
 
+    async def channels(self, platform: str) -> list[str]:
+        """Every channel of `platform` that has stored turns, sorted."""
+        query = (select(turns.c.channel).where(turns.c.platform == platform).distinct()
+                 .order_by(turns.c.channel))
+
+        async def work(conn: AsyncConnection) -> list[str]:
+            return [str(name) for name in (await conn.scalars(query)).all()]
+
+        return await self._run("channels", work, write=False)
+
     async def reset(self, platform: str, channel: str, conversation: str | None = None) -> int:
         """Remove the channel's turns (or one conversation's); settings stay."""
         here = [turns.c.platform == platform, turns.c.channel == channel]
