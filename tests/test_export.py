@@ -109,3 +109,23 @@ async def test_store_lists_a_platforms_channels(tmp_path, history):
         assert await store.channels("telegram") == []
     finally:
         await store.stop()
+
+
+async def test_a_group_channel_exports_one_dialogue_per_conversation(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    store = SQLAlchemyStore(url)
+    await store.start()
+    for author, text in (("ann", "ann asks"), ("bob", "bob asks"), ("ann", "ann again")):
+        asked = await store.append(Turn("console", "g", Role.USER, text, author_id=author,
+                                        author_name=author, state=TurnState.PENDING,
+                                        conversation=f"u:{author}"))
+        await store.add_reply(Turn("console", "g", Role.BOT, f"to {text}", token_ids=(1, 2),
+                                   conversation=f"u:{author}"), [asked.id])
+    await store.stop()
+    out = tmp_path / "g.jsonl"
+    result = export(["--channel", "g", "--out", str(out)], url, tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["conversation"], r["turns"]) for r in rows] == [
+        ("u:ann", ["ann asks", "to ann asks", "ann again", "to ann again"]),
+        ("u:bob", ["bob asks", "to bob asks"])]
