@@ -574,3 +574,13 @@ class FakeDiscord:
                             "response_message_loading": body.get("type") == 5,
                             "response_message_ephemeral": bool(flags & EPHEMERAL)},
         })
+
+
+def point_discord_py_at(fake: FakeDiscord, monkeypatch: Any) -> None:
+    """Make the real discord.py client talk to `fake`: its REST base URL and its gateway."""
+    import discord
+    import yarl
+
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(fake.ws_url))

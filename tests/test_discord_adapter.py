@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import discord
 import pytest
-import yarl
 
 from adapters.discord import DiscordAdapter
 from bot.app import build_app
@@ -16,7 +14,8 @@ from bot.errors import PlatformError, UndeliverableError
 from bot.events import Incoming, Reply
 from bot.text import split_message
 from tests.recording import send_all
-from tests.fake_discord import EPHEMERAL, MANAGE_MESSAGES, FakeDiscord, Post
+from tests.fake_discord import (EPHEMERAL, MANAGE_MESSAGES, FakeDiscord, Post,
+                                point_discord_py_at)
 
 TOKEN = "FAKE.discord.TOKEN-abcdefghijklmnop"
 FAST = {"guild_ready_timeout": 0.2}
@@ -25,9 +24,7 @@ FAST = {"guild_ready_timeout": 0.2}
 @pytest.fixture
 async def fake(monkeypatch: pytest.MonkeyPatch):
     server = await FakeDiscord(TOKEN).start()
-    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(server.ws_url))
+    point_discord_py_at(server, monkeypatch)
     yield server
     await server.stop()
 

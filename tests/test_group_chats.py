@@ -11,9 +11,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
-import discord
 import pytest
-import yarl
 
 from adapters.console import ConsoleAdapter
 from adapters.discord import DiscordAdapter
@@ -21,7 +19,7 @@ from adapters.telegram import TelegramAdapter
 from bot.app import build_app, make_generator
 from bot.events import ReplyKind, Role, TurnState
 from tests import fake_telegram as ft
-from tests.fake_discord import FakeDiscord
+from tests.fake_discord import FakeDiscord, point_discord_py_at
 from tests.fake_telegram import FakeTelegram
 from tests.recording import CountingGenerator, RecordingAdapter, message
 from tests.test_exactly_once import ModelTap
@@ -196,9 +194,7 @@ async def test_telegram_help_says_how_to_let_the_bot_see_every_message(tg, tg_fa
 @pytest.fixture
 async def dc_fake(monkeypatch: pytest.MonkeyPatch):
     server = await FakeDiscord(DC_TOKEN).start()
-    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(server.ws_url))
+    point_discord_py_at(server, monkeypatch)
     yield server
     await server.stop()
 

@@ -357,18 +357,13 @@ def test_instances_migrating_an_empty_database_at_once_all_start(tmp_path):
 async def test_discord_instances_each_run_their_subset_of_shards(make_config, monkeypatch):
     """Two instances, shard ids 0 and 1 of 2: each identifies only its own shard, and a
     message in the free-talk channel is answered once, by the instance owning its guild."""
-    import discord
-    import yarl
-
     from adapters.discord import DiscordAdapter
     from bot.app import build_app
-    from tests.fake_discord import FakeDiscord
+    from tests.fake_discord import FakeDiscord, point_discord_py_at
     from tests.test_discord_adapter import FAST, TOKEN as DISCORD_TOKEN
 
     fake = await FakeDiscord(DISCORD_TOKEN).start()
-    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(fake.ws_url))
+    point_discord_py_at(fake, monkeypatch)
     apps = []
     try:
         for shard in (0, 1):
