@@ -13,12 +13,14 @@ from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from bot.characters import DEFAULT, Cast
 from bot.config import Config
 from bot.events import DECODING_FIELDS, DecodingSettings, Incoming
 from bot.ports import Generator, Store
 from bot.rankers import parse_rankers
 
 COMMAND_NAMES = ("start", "help", "reset", "forget", "settings")
+CHARACTER = "character"  # the /settings key of the channel's character (None = the default)
 
 HELP = """I'm a DialoGPT chat bot. Talk to me and I'll answer{where}.
 /help - this message
@@ -63,6 +65,7 @@ class Commands:
         self.generator = generator
         self._validators = {name: _field_validator(name) for name in DECODING_FIELDS}
         self.rankers = ", ".join(map(str, parse_rankers(config.rankers))) or "none"
+        self.cast = Cast.from_config(config) if config.characters else None
 
     def is_configured_admin(self, event: Incoming) -> bool:
         return event.user_key in self.config.admin_ids
@@ -78,7 +81,7 @@ class Commands:
 
         if command.name in ("start", "help"):
             where = "" if event.is_direct else " when you mention me or reply to me"
-            return CommandResult(HELP.format(where=where))
+            return CommandResult(HELP.format(where=where) + self.characters_help())
         if command.name == "reset":
             if not await may_administer():
                 return CommandResult("Only admins of this chat can reset its conversation.",
@@ -122,9 +125,13 @@ class Commands:
         for item in args.replace(",", " ").split():
             name, sep, raw = item.partition("=")
             name = name.strip().lower()
+            if sep and name == CHARACTER and self.cast is not None:
+                changes[name] = self.parse_character(raw)
+                continue
             if not sep or name not in self._validators:
                 raise ValueError(f"Can't set {item[:40]!r}. Use name=value with one of: "
-                                 + ", ".join(DECODING_FIELDS) + ".")
+                                 + ", ".join(DECODING_FIELDS + (CHARACTER,) * bool(self.cast))
+                                 + ".")
             try:
                 changes[name] = self._validators[name].validate_python(raw.strip())
             except ValidationError as exc:
@@ -134,6 +141,28 @@ class Commands:
                 raise ValueError(f"candidates: at most {self.config.max_candidates} here "
                                  f"(got {changes[name]}).")
         return changes
+
+    def parse_character(self, raw: str) -> str | None:
+        """A /settings character= value: a name of DIALOGBOT_CHARACTERS, or None for
+        "default" (back to DIALOGBOT_MODEL's character)."""
+        wanted = raw.strip().lower()
+        if wanted == DEFAULT:
+            return None
+        if wanted not in self.cast.names:
+            raise ValueError(f"character: one of {', '.join(self.cast.names)} or default "
+                             f"(got {raw[:20]!r}).")
+        return wanted
+
+    def character(self, overrides: dict[str, Any]) -> str | None:
+        """Who answers in a channel with these settings; None when there are no characters.
+        A name no longer configured falls back to the default character."""
+        return self.cast.resolve(overrides.get(CHARACTER)) if self.cast else None
+
+    def characters_help(self) -> str:
+        if self.cast is None:
+            return ""
+        return (f"\nCharacters: {', '.join(self.cast.names)} (default {self.cast.default}); "
+                "admins: /settings character=NAME, /settings character=default")
 
     def effective(self, overrides: dict[str, Any]) -> DecodingSettings:
         settings = self.config.decoding.merged(overrides)
@@ -149,6 +178,10 @@ class Commands:
             note = (f" (at most {self.config.max_candidates}; used when do_sample is on)"
                     if name == "candidates" else "")
             lines.append(f"{name} = {getattr(settings, name)}{mark}{note}")
+        if self.cast is not None:
+            lines.append(f"character = {self.character(overrides)}"
+                         f"{'*' if overrides.get(CHARACTER) else ''} "
+                         f"(of {', '.join(self.cast.names)})")
         lines.append(f"rankers = {self.rankers}")
         lines.append(f"word filter = {'on' if self.config.blocklist else 'off'}")
         return "\n".join(lines)

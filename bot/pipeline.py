@@ -204,11 +204,13 @@ class Pipeline:
         history = await self.store.recent(event.platform, event.channel,
                                           self.config.history_turns)
         request = GenerationRequest(event.channel_key, tuple(history),
-                                    self.commands.effective(overrides))
+                                    self.commands.effective(overrides),
+                                    self.commands.character(overrides))
         async with self.adapters[event.platform].typing(event):
             start = time.perf_counter()
             generated = await self.generator.reply(request)
-        self.metrics.generated(time.perf_counter() - start, len(generated.token_ids))
+        self.metrics.generated(time.perf_counter() - start, len(generated.token_ids),
+                               request.character or "default")
         return generated.text, (generated.token_ids or None)
 
     # --- outbound ---------------------------------------------------------------------------
