@@ -13,6 +13,7 @@ from pathlib import Path
 EOS = 50256
 SHAPES = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2),
+    "few": dict(n_layer=4, n_embd=256, n_head=4),  # ~110 MB: memory tests, still fast
     "small": dict(n_layer=12, n_embd=768, n_head=12),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16),
 }
