@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -48,18 +47,13 @@ MODES = {  # name -> (every other channel on b, DIALOGBOT_MAX_MODELS)
 }
 
 
-def second_model_dir(size: str, cache: Path) -> Path:
-    """bench.py's model (seed 0) has a sibling with seed 1: another character."""
-    from tests.modelkit import make_model_dir
+def model_dirs(size: str, cache: Path) -> tuple[Path, Path]:
+    """bench.py's model (seed 0, the same cache folder) and a sibling with seed 1."""
+    from tests.modelkit import cached_model_dir
 
-    folder = cache / f"dialogpt-{size}-never-eos-seed1"
-    if not (folder / "config.json").exists():
-        print(f"building a second random-weight DialoGPT-{size}-shaped model in {folder} ...",
-              flush=True)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        make_model_dir(tmp, size, seed=1, never_eos=True)
-        os.replace(tmp, folder)
-    return folder
+    return tuple(cached_model_dir(cache / f"dialogpt-{size}-never-eos{suffix}", size,
+                                  seed=seed, never_eos=True)
+                 for seed, suffix in ((0, ""), (1, "-seed1")))
 
 
 async def measure(args) -> dict:
@@ -187,8 +181,7 @@ def main() -> int:
         return 0
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    args.model_dir = str(base.model_dir(args.size, args.cache))
-    args.second_dir = str(second_model_dir(args.size, args.cache))
+    args.model_dir, args.second_dir = map(str, model_dirs(args.size, args.cache))
     started = time.perf_counter()
     print(f"bench_characters: DialoGPT-{args.size} shape, runs={args.runs}", flush=True)
     rounds = [{mode: subprocess_run(args, mode, run) for mode in MODES}

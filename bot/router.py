@@ -128,7 +128,11 @@ class CharacterRouter:
         self._started = True
         if self.preload:
             slot = self.slots[self.cast.default]
-            await self._pin(slot)
+            try:
+                await self._pin(slot)
+            except BaseException:
+                self._started = False
+                raise
             self._unpin(slot)
 
     async def stop(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
 
 from bot.app import build_app, make_generator
 from bot.characters import Cast, parse_characters
@@ -251,13 +252,13 @@ async def test_two_characters_in_two_channels_reply_with_their_own_models_at_onc
         await app.stop()
 
     assert [r.kind for r in platform.sent] == [ReplyKind.ANSWER] * 4
-    for sent, asked in zip(platform.sent, generator.requests):
-        assert sent.channel == asked.channel_key.split(":")[1]
-        name = {"1": "rick", "2": "joshua"}[sent.channel]
-        assert asked.character == name
-        assert sent.text == await solo.reply(cast_dirs[name], asked)
-        other = "joshua" if name == "rick" else "rick"
-        assert sent.text != await solo.reply(cast_dirs[other], asked)
+    for channel, name, other in (("1", "rick", "joshua"), ("2", "joshua", "rick")):
+        sent = [r.text for r in platform.sent if r.channel == channel]
+        asked = [r for r in generator.requests if r.channel_key == f"telegram:{channel}"]
+        assert len(sent) == len(asked) == 2 and {r.character for r in asked} == {name}
+        for text, request in zip(sent, asked):
+            assert text == await solo.reply(cast_dirs[name], request)
+            assert text != await solo.reply(cast_dirs[other], request)
     # the turn-2 replies were decoded at the same time, each in its own model's worker
     (rick_start, rick_end), (joshua_start, joshua_end) = [
         (s[0][0], s[-1][0] + s[-1][2]) for s in steps.values()]
@@ -320,8 +321,8 @@ async def test_a_busy_model_is_unloaded_only_after_its_requests_are_answered(
         while stats.decode_steps < 5:
             await asyncio.sleep(0.002)
         tasks["joshua"] = asyncio.create_task(router.reply(asked["joshua"]))
-        while not router.slots["rick"].draining:  # every model is busy: rick drains
-            await asyncio.sleep(0.002)
+        while not (router.slots["rick"].draining or "joshua" in router.loaded):
+            await asyncio.sleep(0.002)  # every model is busy: rick drains
         tasks["rick"] = asyncio.create_task(router.reply(asked["rick"]))  # waits, not joins
         results = {name: await task for name, task in tasks.items()}
     finally:
@@ -351,6 +352,17 @@ async def test_a_character_change_drops_the_cache_and_survives_a_restart(chars_c
         worker_stats = router.slots[name].generator.worker.stats
         return worker_stats.prefill_tokens, worker_stats.reused_tokens
 
+    async def answered_by(name: str, text: str) -> int:
+        """Send `text`; check `name`'s model answered; return the prompt's length."""
+        await app.pipeline.process(said(text))
+        asked = app.generator.requests[-1]
+        assert asked.character == name
+        assert platform.sent[-1].text == await solo.reply(cast_dirs[name], asked)
+        return sum(1 + len(t.token_ids if t.role is Role.BOT else tokenizer.encode(t.text))
+                   for t in asked.turns)  # each turn and its end-of-text: no window yet
+
+    tokenizer = AutoTokenizer.from_pretrained(cast_dirs["rick"])
+
     app, platform, router = await start()
     try:
         await app.pipeline.process(said("Hello there"))
@@ -363,29 +375,21 @@ async def test_a_character_change_drops_the_cache_and_survives_a_restart(chars_c
         assert await app.store.get_settings("telegram", "-5") == {}
         await app.pipeline.process(said("/settings character=joshua"))
         assert "character = joshua*" in platform.sent[-1].text
-        await app.pipeline.process(said("Tell me more"))
-        asked = app.generator.requests[-1]
-        assert asked.character == "joshua"
-        assert platform.sent[-1].text == await solo.reply(cast_dirs["joshua"], asked)
+        await answered_by("joshua", "Tell me more")
 
         await app.pipeline.process(said("/settings character=default"))
         assert "character = rick (of rick, joshua)" in platform.sent[-1].text
         before = stats(router, "rick")
-        await app.pipeline.process(said("And now?"))
-        asked = app.generator.requests[-1]
+        prompt = await answered_by("rick", "And now?")
         prefilled, reused = (x - y for x, y in zip(stats(router, "rick"), before))
-        assert reused == 0 and prefilled > 0  # rick's cache of this chat was dropped
-        assert platform.sent[-1].text == await solo.reply(cast_dirs["rick"], asked)
+        assert (prefilled, reused) == (prompt, 0)  # rick's cache of this chat was dropped
         await app.pipeline.process(said("/settings character=joshua"))
     finally:
         await app.stop()
 
     app, platform, router = await start()
     try:
-        await app.pipeline.process(said("Still there?"))
-        asked = app.generator.requests[-1]
-        assert asked.character == "joshua"
-        assert platform.sent[-1].text == await solo.reply(cast_dirs["joshua"], asked)
+        await answered_by("joshua", "Still there?")
         await app.pipeline.process(said("/settings"))
         assert "character = joshua*" in platform.sent[-1].text
     finally:
@@ -414,9 +418,9 @@ async def test_remote_characters_send_their_model_name_per_request(make_config, 
         await server.stop()
     assert [r.body["model"] for r in server.requests] == [
         "rick-ft", "joshua-ft", "joshua-ft", "rick-ft"]
-    for sent, asked in zip(platform.sent, app.generator.requests):
+    for sent, asked in zip(platform.sent, app.generator.requests):  # one at a time
         name = {"1": "rick", "2": "joshua"}[sent.channel]
-        assert asked.character == name
+        assert asked.character == name and asked.channel_key == f"telegram:{sent.channel}"
         assert sent.text == await solo.reply(cast_dirs[name], asked)
 
 
