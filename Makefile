@@ -26,12 +26,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # throughput and latency of every generator option, what reply quality costs, how long fetching
-# a group message's context takes in a busy channel, and training speed
+# a group message's context takes in a busy channel, training speed, what a second character costs
 bench: $(STAMP)
 	$(PY) bench/bench.py $(ARGS)
 	$(PY) bench/bench_quality.py --lm-shape small --ranker-shape medium --new-tokens 40 $(QUALITY_ARGS)
 	$(PY) bench/bench_context.py --json bench/results/context.json
 	$(PY) bench/bench_train.py $(TRAIN_ARGS)
+	$(PY) bench/bench_characters.py $(CHARACTERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -17,6 +17,7 @@ from bot.metrics import Metrics, OpsServer, PrometheusMetrics, TimedStore, adapt
 from bot.pipeline import Pipeline
 from bot.ports import Adapter, ChannelLock, Generator, Limiter, Store
 from bot.quality import ReplyRules
+from bot.router import CharacterRouter, SharedRankers
 
 if TYPE_CHECKING:
     from bot.generator import Backend
@@ -56,6 +57,19 @@ def make_backend(config: Config) -> "Backend":
 
 
 def make_generator(config: Config) -> Generator:
+    """One model's generator, or with DIALOGBOT_CHARACTERS a router over one per character
+    (built lazily, sharing one set of rankers)."""
+    if config.characters:
+        ensemble = make_rankers(config)
+        rankers = SharedRankers(ensemble) if ensemble is not None else None
+        return CharacterRouter.from_config(
+            config, lambda one: make_model_generator(one, rankers))
+    return make_model_generator(config, make_rankers(config))
+
+
+def make_model_generator(config: Config, rankers: "Ensemble | SharedRankers | None"
+                         ) -> Generator:
+    """The generator of DIALOGBOT_MODEL with the backend, batching and quality settings."""
     backend = make_backend(config)
     if config.batching and config.generator_backend == "torch":
         from bot.batching import BatchingGenerator
@@ -64,12 +78,11 @@ def make_generator(config: Config) -> Generator:
             backend, queue_size=config.queue_size, timeout=config.generation_timeout,
             fallback_reply=config.fallback_reply, max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_batch_wait_ms, kv_cache_mb=config.kv_cache_mb,
-            window_step=config.window_step, rules=reply_rules(config),
-            rankers=make_rankers(config))
+            window_step=config.window_step, rules=reply_rules(config), rankers=rankers)
     return LocalGenerator(backend, queue_size=config.queue_size,
                           timeout=config.generation_timeout,
                           fallback_reply=config.fallback_reply,
-                          rules=reply_rules(config), rankers=make_rankers(config))
+                          rules=reply_rules(config), rankers=rankers)
 
 
 def reply_rules(config: Config) -> ReplyRules:
@@ -196,6 +209,8 @@ def build_app(config: Config, adapters: Sequence[Adapter] | None = None, *,
     if config.metrics_port is not None:
         metrics = PrometheusMetrics(lambda: generator.queue_depth)
         store = TimedStore(store, metrics)
+        if isinstance(generator, CharacterRouter):  # loads and unloads are counted
+            generator.metrics = metrics
     limiter, lock = make_shared_state(config)
     pipeline = Pipeline(config, store, generator, limiter, lock, metrics)
     if adapters is None:

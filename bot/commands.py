@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
+from bot.characters import DEFAULT, Cast
 from bot.config import Config
 from bot.conversation import SCOPES, TALK, Conversation
 from bot.events import DECODING_FIELDS, DecodingSettings, Incoming
@@ -22,6 +23,7 @@ from bot.rankers import parse_rankers
 
 COMMAND_NAMES = ("start", "help", "reset", "forget", "settings")
 CHANNEL_SETTINGS = ("context", "talk")  # not decoding: who and what the bot answers here
+CHARACTER = "character"  # the /settings key of the channel's character (None = the default)
 
 HELP = """I'm a DialoGPT chat bot. Talk to me and I'll answer{where}.
 /help - this message
@@ -98,6 +100,7 @@ class Commands:
         self._validators["context"] = TypeAdapter(Literal[SCOPES])  # type: ignore[valid-type]
         self._validators["talk"] = TypeAdapter(Literal[TALK])  # type: ignore[valid-type]
         self.rankers = ", ".join(map(str, parse_rankers(config.rankers))) or "none"
+        self.cast = Cast.from_config(config) if config.characters else None
 
     def is_configured_admin(self, event: Incoming) -> bool:
         return event.user_key in self.config.admin_ids
@@ -123,14 +126,15 @@ class Commands:
 
     async def help(self, event: Incoming) -> CommandResult:
         if event.is_direct:
-            return CommandResult(HELP.format(where="", reset="forget our conversation"))
+            return CommandResult(HELP.format(where="", reset="forget our conversation")
+                                 + self.characters_help())
         conversation = await self.control.conversation_for(event)
         text = HELP.format(where=" when you mention me or reply to me",
                            reset="forget a conversation here (see below)")
         text += "\n" + SCOPE_HELP[conversation.scope]
         if event.platform == "telegram":
             text += "\n" + TELEGRAM_TALK_ALL
-        return CommandResult(text)
+        return CommandResult(text + self.characters_help())
 
     # --- /reset and /forget -----------------------------------------------------------------
     async def reset(self, args: str, event: Incoming,
@@ -227,9 +231,13 @@ class Commands:
         for item in args.replace(",", " ").split():
             name, sep, raw = item.partition("=")
             name = name.strip().lower()
+            if sep and name == CHARACTER and self.cast is not None:
+                changes[name] = self.parse_character(raw)
+                continue
             if not sep or name not in self._validators:
                 raise ValueError(f"Can't set {item[:40]!r}. Use name=value with one of: "
-                                 + ", ".join(names) + ".")
+                                 + ", ".join(names + (CHARACTER,) * bool(self.cast))
+                                 + ".")
             try:
                 changes[name] = self._validators[name].validate_python(raw.strip().lower()
                                                                       if name in
@@ -242,6 +250,28 @@ class Commands:
                 raise ValueError(f"candidates: at most {self.config.max_candidates} here "
                                  f"(got {changes[name]}).")
         return changes
+
+    def parse_character(self, raw: str) -> str:
+        """A /settings character= value: a name of DIALOGBOT_CHARACTERS, or "default"
+        (back to DIALOGBOT_MODEL's character)."""
+        wanted = raw.strip().lower()
+        if wanted == DEFAULT:
+            return DEFAULT  # stored, so a Discord thread can go back to the default
+        if wanted not in self.cast.names:
+            raise ValueError(f"character: one of {', '.join(self.cast.names)} or default "
+                             f"(got {raw[:20]!r}).")
+        return wanted
+
+    def character(self, overrides: dict[str, Any]) -> str | None:
+        """Who answers in a channel with these settings; None when there are no characters.
+        A name no longer configured falls back to the default character."""
+        return self.cast.resolve(overrides.get(CHARACTER)) if self.cast else None
+
+    def characters_help(self) -> str:
+        if self.cast is None:
+            return ""
+        return (f"\nCharacters: {', '.join(self.cast.names)} (default {self.cast.default}); "
+                "admins: /settings character=NAME, /settings character=default")
 
     def effective(self, overrides: dict[str, Any]) -> DecodingSettings:
         settings = self.config.decoding.merged(overrides)
@@ -273,6 +303,9 @@ class Commands:
             note = (f" (at most {self.config.max_candidates}; used when do_sample is on)"
                     if name == "candidates" else "")
             lines.append(f"{name} = {getattr(settings, name)}{mark(name)}{note}")
+        if self.cast is not None:
+            lines.append(f"character = {self.character(overrides)}{mark(CHARACTER)} "
+                         f"(of {', '.join(self.cast.names)})")
         lines.append(f"rankers = {self.rankers}")
         lines.append(f"word filter = {'on' if self.config.blocklist else 'off'}")
         return "\n".join(lines)

@@ -65,6 +65,14 @@ class Config(BaseSettings):
     pack_weights: bool = Field(True, description=(
         "fp32 on a CPU: reorder the linear weights once into oneDNN's blocked layout "
         "(same math; batched decode ~1.7x faster). false = torch's default matmul."))
+    characters: str = Field("", description=(
+        "Several models, chosen per channel with /settings character=NAME: "
+        "'rick=models/rick,stock=microsoft/DialoGPT-medium' (name=hub id or directory; with "
+        "the openai backend, name=model name on the server). DIALOGBOT_MODEL is the default "
+        "character. Unset = one model."))
+    max_models: int = Field(2, ge=1, le=64, description=(
+        "Character models kept in memory at once; the least recently used is unloaded to "
+        "load another (remote characters do not count)."))
     generation_timeout: float = Field(120.0, gt=0, le=3600,
                                       description="Seconds before a generation is abandoned.")
     queue_size: int = Field(64, ge=1, le=100_000,
@@ -199,6 +207,14 @@ class Config(BaseSettings):
         if value is not None and not Path(value).is_file():
             raise ValueError("no such file")
         return value
+
+    @field_validator("characters")
+    @classmethod
+    def _characters(cls, value: str) -> str:
+        from bot.characters import parse_characters
+
+        parse_characters(value)
+        return value.strip()
 
     @field_validator("max_candidates")
     @classmethod

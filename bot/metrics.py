@@ -40,7 +40,11 @@ class Metrics:
 
     def rate_limited(self, platform: str, scope: str) -> None: ...
 
-    def generated(self, seconds: float, tokens: int) -> None: ...
+    def generated(self, seconds: float, tokens: int, character: str = "default") -> None: ...
+
+    def character_loaded(self, character: str, seconds: float) -> None: ...
+
+    def characters_loaded(self, count: int) -> None: ...
 
     def error(self, kind: str) -> None: ...
 
@@ -68,9 +72,15 @@ class PrometheusMetrics(Metrics):
                                 "Inbound limit hits by scope (user, channel)",
                                 ["platform", "scope"], **reg)
         self._latency = Histogram("dialogbot_generation_seconds",
-                                  "Time from generation request to reply",
-                                  buckets=LATENCY_BUCKETS, **reg)
-        self._tokens = Counter("dialogbot_tokens_generated", "Tokens generated", **reg)
+                                  "Time from generation request to reply, by character",
+                                  ["character"], buckets=LATENCY_BUCKETS, **reg)
+        self._tokens = Counter("dialogbot_tokens_generated", "Tokens generated, by character",
+                               ["character"], **reg)
+        self._loads = Histogram("dialogbot_character_load_seconds",
+                                "Time to load a character's model", ["character"],
+                                buckets=LATENCY_BUCKETS, **reg)
+        self._loaded = Gauge("dialogbot_characters_loaded",
+                             "Character models in memory", **reg)
         self._errors = Counter("dialogbot_errors", "Errors by kind", ["kind"], **reg)
         self._db = Histogram("dialogbot_database_seconds", "Database call latency",
                              ["operation"], buckets=DB_BUCKETS, **reg)
@@ -97,9 +107,15 @@ class PrometheusMetrics(Metrics):
     def rate_limited(self, platform: str, scope: str) -> None:
         self._limited.labels(platform, scope).inc()
 
-    def generated(self, seconds: float, tokens: int) -> None:
-        self._latency.observe(seconds)
-        self._tokens.inc(max(0, tokens))
+    def generated(self, seconds: float, tokens: int, character: str = "default") -> None:
+        self._latency.labels(character).observe(seconds)
+        self._tokens.labels(character).inc(max(0, tokens))
+
+    def character_loaded(self, character: str, seconds: float) -> None:
+        self._loads.labels(character).observe(seconds)
+
+    def characters_loaded(self, count: int) -> None:
+        self._loaded.set(count)
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind).inc()

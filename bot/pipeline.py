@@ -401,7 +401,8 @@ class Pipeline:
                 history = await self._context(conversation, claimed)
                 overrides = await self.settings_for(conversation.platform, conversation.channel)
                 request = GenerationRequest(conversation.key, tuple(with_quotes(history)),
-                                            self.commands.effective(overrides))
+                                            self.commands.effective(overrides),
+                                            self.commands.character(overrides))
                 inflight = Inflight(conversation,
                                     frozenset(t.author_id for t in history
                                               if t.role is Role.USER),
@@ -500,7 +501,8 @@ class Pipeline:
         finally:
             if self._inflight.get(key) is inflight:
                 del self._inflight[key]
-        self.metrics.generated(time.perf_counter() - start, len(generated.token_ids))
+        self.metrics.generated(time.perf_counter() - start, len(generated.token_ids),
+                               request.character or "default")
         return generated
 
     def _event_for(self, conversation: Conversation, turn: Turn | None) -> Incoming:

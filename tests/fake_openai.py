@@ -1,11 +1,12 @@
 """A small OpenAI-compatible completions server for tests: aiohttp on 127.0.0.1, port 0,
 wrapping a DialoGPT-shaped model with greedy `generate` (what vLLM does at temperature 0).
 
-POST /v1/completions takes `prompt` as token ids (one list, or a list holding one list),
+POST /v1/completions takes `model` (`name`, or a name of `more_models`: several fine-tunes
+served by name as vLLM's --served-model-name does), `prompt` as token ids (one list, or a list holding one list),
 `max_tokens`, `temperature` (must be 0: greedy only), `n` and the extra sampling fields
 `repetition_penalty` / `no_repeat_ngram_size` / `return_token_ids` (vLLM's: the choice
 then carries the generated `token_ids`); it stops at end-of-text and answers the way
-the OpenAI API does. GET /v1/models lists the one model.
+the OpenAI API does. GET /v1/models lists the models.
 
 Test controls: `fail_next(count, status)` answers the next calls with an error status,
 `delay` holds every answer that many seconds, `gate` (an asyncio.Event, if set) holds answers
@@ -36,15 +37,17 @@ class Served:
 
 class FakeOpenAI:
     def __init__(self, model_dir: Path | str, name: str = "dialogpt-test",
-                 api_key: str | None = None):
+                 api_key: str | None = None, more_models: dict[str, Path | str] | None = None):
         self.model_dir = str(model_dir)
         self.name = name
+        self.model_dirs = {name: str(model_dir),
+                           **{k: str(v) for k, v in (more_models or {}).items()}}
         self.api_key = api_key
         self.requests: list[Served] = []
         self.delay = 0.0
         self.gate: asyncio.Event | None = None
         self._fail: list[int] = []
-        self._model = None
+        self._loaded: dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fake-openai")
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -77,14 +80,15 @@ class FakeOpenAI:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(1)
-        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+        self._loaded = {name: AutoModelForCausalLM.from_pretrained(folder).eval()
+                        for name, folder in self.model_dirs.items()}
 
     def _greedy(self, prompt: list[int], body: dict[str, Any]) -> list[int]:
         import torch
 
         with torch.inference_mode():
             ids = torch.tensor([prompt], dtype=torch.long)
-            out = self._model.generate(
+            out = self._loaded[body["model"]].generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=False,
                 max_new_tokens=int(body.get("max_tokens") or 16), pad_token_id=EOS,
                 eos_token_id=EOS, repetition_penalty=float(body.get("repetition_penalty", 1.0)),
@@ -101,7 +105,8 @@ class FakeOpenAI:
         if not self._authorised(request):
             return _error(401, "invalid api key")
         return web.json_response({"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": 0, "owned_by": "test"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "test"}
+            for name in self.model_dirs]})
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -124,7 +129,7 @@ class FakeOpenAI:
         if self._fail:
             served.status = self._fail.pop(0)
             return _error(served.status, "internal error")
-        if body.get("model") != self.name:
+        if body.get("model") not in self.model_dirs:
             served.status = 404
             return _error(404, f"model {body.get('model')!r} does not exist")
         prompt = body.get("prompt")
@@ -138,11 +143,11 @@ class FakeOpenAI:
             return _error(400, "this test server is greedy only (temperature 0)")
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._pool, self._greedy, prompt, body)
-        text = _decode(self.model_dir, ids)
+        text = _decode(self.model_dirs[body["model"]], ids)
         n = int(body.get("n") or 1)
         return web.json_response({
             "id": f"cmpl-{len(self.requests)}", "object": "text_completion",
-            "created": int(time.time()), "model": self.name,
+            "created": int(time.time()), "model": body["model"],
             "choices": [{"index": i, "text": text, "logprobs": None,
                          **({"token_ids": ids} if body.get("return_token_ids") else {}),
                          "finish_reason": "stop" if len(ids) < int(body.get("max_tokens") or 16)

@@ -7,12 +7,14 @@ DialoGPT's so the loading code and the token budget logic are exercised for real
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 EOS = 50256
 SHAPES = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2),
+    "few": dict(n_layer=4, n_embd=256, n_head=4),  # ~110 MB: memory tests, still fast
     "small": dict(n_layer=12, n_embd=768, n_head=12),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16),
 }
@@ -69,6 +71,18 @@ def make_model_dir(folder: Path, shape: str = "tiny", seed: int = 0,
     model.eval()
     model.save_pretrained(folder)
     write_tokenizer(folder)
+    return folder
+
+
+def cached_model_dir(folder: Path, shape: str, seed: int = 0, never_eos: bool = False) -> Path:
+    """`make_model_dir` once (bench caches): an existing folder is reused; a new one is built
+    under a temporary name and renamed, so an interrupted build leaves nothing half-written."""
+    if not (folder / "config.json").exists():
+        print(f"building a random-weight DialoGPT-{shape}-shaped model in {folder} ...",
+              flush=True)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        make_model_dir(tmp, shape, seed=seed, never_eos=never_eos)
+        os.replace(tmp, folder)
     return folder
 
 

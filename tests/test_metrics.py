@@ -157,10 +157,10 @@ async def test_metrics_move_with_the_messages(bot):
     assert now[("dialogbot_rate_limit_hits_total",
                 (("platform", "telegram"), ("scope", "user")))] == 2
     assert now[("dialogbot_errors_total", (("kind", "GenerationError"),))] == 1
-    assert now[("dialogbot_generation_seconds_count", ())] == 4
+    assert now[("dialogbot_generation_seconds_count", (("character", "default"),))] == 4
     stored = [*await app.store.recent("telegram", "1", 50),
               *await app.store.recent("telegram", "2", 50)]
-    assert now[("dialogbot_tokens_generated_total", ())] == sum(
+    assert now[("dialogbot_tokens_generated_total", (("character", "default"),))] == sum(
         len(t.token_ids or ()) for t in stored) > 0
     assert now[("dialogbot_database_seconds_count", (("operation", "append"),))] == 5
     assert now[("dialogbot_database_seconds_count", (("operation", "add_reply"),))] == 4
