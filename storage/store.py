@@ -55,6 +55,12 @@ _COLUMN = {column.name: index for index, column in enumerate(turns.c)}  # select
 _STATES = {state.value: state for state in TurnState}
 
 
+def _comparable(text: str) -> str:
+    """Text as a platform shows it, for matching a quoted bot message: no word joiners (the
+    bot's defused @mentions), whitespace collapsed."""
+    return " ".join(text.replace("\u2060", "").split())
+
+
 def _chain_query() -> Any:
     """Turn `:leaf` and its ancestors through parent_id, at most `:limit`, root first: one
     recursive CTE (SQLite and PostgreSQL), each step a primary-key lookup."""
@@ -303,6 +309,9 @@ class SQLAlchemyStore:
         else after the author's own latest turn in this conversation."""
         if turn.reply_to:
             found = await self._turn_of_message(conn, turn.platform, turn.channel, turn.reply_to)
+            if found is None and turn.quote and turn.quote_role is Role.BOT:
+                found = await self._bot_turn_quoted(conn, turn.platform, turn.channel,
+                                                    turn.quote)
             if found is not None:
                 return {"parent_id": found, "quote": None, "quote_role": None}
             if turn.quote:
@@ -313,6 +322,24 @@ class SQLAlchemyStore:
                                      turns.c.conversation == turn.conversation)
             .order_by(turns.c.seq.desc(), turns.c.id.desc()).limit(1))
         return {"parent_id": int(latest) if latest is not None else None}
+
+    @staticmethod
+    async def _bot_turn_quoted(conn: AsyncConnection, platform: str, channel: str,
+                               quote: str) -> int | None:
+        """A recent bot turn of the channel whose text holds `quote` (the text of one of its
+        parts as the platform showed it): for a reply to a bot message whose platform id is
+        not recorded (yet: the reply came within milliseconds of the send; or at all: sent
+        before the ids were kept)."""
+        wanted = _comparable(quote)
+        if not wanted:
+            return None
+        rows = (await conn.execute(select(turns.c.id, turns.c.text).where(
+            turns.c.platform == platform, turns.c.channel == channel,
+            turns.c.role == Role.BOT.value).order_by(turns.c.id.desc()).limit(20))).all()
+        for row in rows:
+            if wanted in _comparable(row.text):
+                return int(row.id)
+        return None
 
     @staticmethod
     async def _turn_of_message(conn: AsyncConnection, platform: str, channel: str,

@@ -378,7 +378,8 @@ async def test_a_character_change_drops_the_cache_and_survives_a_restart(chars_c
         await answered_by("joshua", "Tell me more")
 
         await app.pipeline.process(said("/settings character=default"))
-        assert "character = rick (of rick, joshua)" in platform.sent[-1].text
+        assert "character = rick* (of rick, joshua)" in platform.sent[-1].text
+        assert await app.store.get_settings("telegram", "-5") == {"character": "default"}
         before = stats(router, "rick")
         prompt = await answered_by("rick", "And now?")
         prefilled, reused = (x - y for x, y in zip(stats(router, "rick"), before))

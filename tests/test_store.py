@@ -480,3 +480,15 @@ async def test_chains_follow_replies_parts_and_the_authors_last_turn(store):
     # forgetting a's turns cuts b's chain where it followed them
     await store.forget("telegram", "a")
     assert [t.text for t in await store.chain(b1.id, 10)] == ["b1"]
+
+
+async def test_a_reply_to_a_bot_message_without_a_recorded_id_is_found_by_its_text(store):
+    asked = await store.append(user("hi", "g2", "a", conversation="u:a"))
+    said = await store.add_reply(bot("hello @\u2060ann, long\nreply here", "g2",
+                                     conversation="u:a"), [asked.id])
+    quick = await store.append(user("go on", "g2", "a", conversation="u:a", reply_to="999",
+                                    quote="long reply here", quote_role=Role.BOT))
+    assert quick.parent_id == said.id and quick.quote is None
+    other = await store.append(user("hm", "g2", "a", conversation="u:a", reply_to="998",
+                                    quote="not something the bot said", quote_role=Role.BOT))
+    assert other.parent_id is None and other.quote == "not something the bot said"
