@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -45,6 +46,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK_KEY = 0x6469616C6F67  # "dialog": pg advisory lock id held while migrating
 _WRITE = "dialogbot_write"  # execution option: take SQLite's write lock at BEGIN
+_READ = "dialogbot_read"  # execution option: a read on SQLite, no BEGIN (autocommit SELECTs)
 # PostgreSQL SQLSTATEs worth retrying: connection exceptions (08xxx), shutdown / starting up,
 # too many connections, serialization failure, deadlock.
 _PG_TRANSIENT = {"57P01", "57P02", "57P03", "53300", "40001", "40P01"}
@@ -52,6 +54,11 @@ _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)@")
 _SETTINGS_VALUES = channel_settings.c["values"]
 _ROLES = {role.value: role for role in Role}
 _COLUMN = {column.name: index for index, column in enumerate(turns.c)}  # select(turns) order
+# the row values `_turn` needs, in `Turn`'s field order
+_TURN_FIELDS = operator.itemgetter(*(_COLUMN[name] for name in (
+    "platform", "channel", "role", "text", "author_id", "author_name", "message_id",
+    "token_ids", "in_reply_to", "state", "created_at", "id", "conversation", "seq",
+    "parent_id", "reply_to", "quote", "quote_role")))
 _STATES = {state.value: state for state in TurnState}
 
 
@@ -108,8 +115,10 @@ def prepare_engine(engine: AsyncEngine, busy_timeout_ms: int = 5000) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(_WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get(_READ, False):
+            return  # a read: each SELECT is atomic on its own, no BEGIN round trip
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE, False) else "BEGIN")
 
 
 _migration_locks: "WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = \
@@ -778,8 +787,8 @@ class SQLAlchemyStore:
     async def _transaction(self, engine: AsyncEngine, write: bool
                            ) -> AsyncIterator[AsyncConnection]:
         async with engine.connect() as conn:
-            if write and self._sqlite:
-                conn = await conn.execution_options(**{_WRITE: True})
+            if self._sqlite:
+                conn = await conn.execution_options(**{_WRITE if write else _READ: True})
             async with conn.begin():
                 yield conn
 
@@ -837,14 +846,10 @@ class SQLAlchemyStore:
     def _turn(row: Row[Any]) -> Turn:
         """A row that starts with the `turns` columns (in table order) as a Turn; read by
         position, several times faster than by name for the long contexts of busy chats."""
-        v = tuple(row)
-        c = _COLUMN
-        quote_role = v[c["quote_role"]]
-        return Turn(platform=v[c["platform"]], channel=v[c["channel"]],
-                    role=_ROLES[v[c["role"]]], text=v[c["text"]], author_id=v[c["author_id"]],
-                    author_name=v[c["author_name"]], message_id=v[c["message_id"]],
-                    token_ids=v[c["token_ids"]], in_reply_to=v[c["in_reply_to"]],
-                    state=_STATES[v[c["state"]]], created_at=v[c["created_at"]],
-                    id=int(v[c["id"]]), conversation=v[c["conversation"]], seq=int(v[c["seq"]]),
-                    parent_id=v[c["parent_id"]], reply_to=v[c["reply_to"]],
-                    quote=v[c["quote"]], quote_role=_ROLES[quote_role] if quote_role else None)
+        (platform, channel, role, text, author_id, author_name, message_id, token_ids,
+         in_reply_to, state, created_at, id_, conversation, seq, parent_id, reply_to, quote,
+         quote_role) = _TURN_FIELDS(row)
+        return Turn(platform, channel, _ROLES[role], text, author_id, author_name, message_id,
+                    token_ids, in_reply_to, _STATES[state], created_at, int(id_),
+                    conversation, int(seq), parent_id, reply_to, quote,
+                    _ROLES[quote_role] if quote_role else None)
