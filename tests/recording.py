@@ -76,6 +76,10 @@ class CountingGenerator:
     def queue_depth(self):
         return self.inner.queue_depth
 
+    @property
+    def ready(self):
+        return self.inner.ready
+
     async def reply(self, request):
         self.requests.append(request)
         if self.gate is not None:

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bot.app import build_app, reply_rules
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 from bot.quality import ReplyRules
 from bot.rankers import FEEDBACK, HUMAN_LIKE, Ensemble, RankerSpec
@@ -91,7 +91,7 @@ class Scripted:
 
 
 async def run(backend, request, **kwargs):
-    gen = LocalGenerator(backend, **kwargs)
+    gen = QueuedGenerator(backend, **kwargs)
     await gen.start()
     try:
         return await gen.reply(request)
@@ -111,7 +111,7 @@ async def test_n_candidates_come_from_one_generate_call(tiny_model_dir):
 
 async def test_candidates_are_bounded_and_greedy_asks_for_one(tiny_model_dir):
     backend = Scripted([["a", "b", "c"], ["only"]])
-    gen = LocalGenerator(backend, rules=ReplyRules(max_candidates=3))
+    gen = QueuedGenerator(backend, rules=ReplyRules(max_candidates=3))
     await gen.start()
     try:
         await gen.reply(GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=50)))
@@ -292,7 +292,7 @@ async def scripted_bot(make_config):
     async def make(batches, **overrides):
         config = make_config(**overrides)
         backend = Scripted(batches)
-        generator = CountingGenerator(LocalGenerator(
+        generator = CountingGenerator(QueuedGenerator(
             backend, fallback_reply=config.fallback_reply, rules=reply_rules(config)))
         platform = RecordingAdapter()
         app = build_app(config, [platform], generator=generator)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.errors import BusyError, ConfigError, GenerationTimeout
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 
 GREEDY = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, repetition_penalty=1.0,
@@ -26,7 +26,7 @@ def turn(text: str, role: Role = Role.USER, ids=None) -> Turn:
 
 @pytest.fixture
 async def generator(tiny_model_dir):
-    gen = LocalGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=60)
+    gen = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=60)
     await gen.start()
     yield gen
     await gen.stop()
@@ -124,7 +124,7 @@ async def test_event_loop_keeps_ticking_while_generating(generator):
 
 
 async def test_timeout_abandons_generation_and_the_worker_recovers(tiny_model_dir):
-    gen = LocalGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=0.05)
+    gen = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=0.05)
     await gen.start()
     try:
         long = tuple(turn("again and again " * 200) for _ in range(2))
@@ -169,7 +169,7 @@ class ScriptedBackend:
 
 async def test_empty_reply_is_retried_with_sampling_then_falls_back():
     backend = ScriptedBackend(["   ", "ok then"])
-    gen = LocalGenerator(backend, fallback_reply="hmm")
+    gen = QueuedGenerator(backend, fallback_reply="hmm")
     await gen.start()
     got = await gen.reply(GenerationRequest("k", (turn("x"),), GREEDY))
     assert got.text == "ok then" and not got.fallback
@@ -184,7 +184,7 @@ async def test_empty_reply_is_retried_with_sampling_then_falls_back():
 async def test_full_queue_raises_busy():
     backend = ScriptedBackend(["a"] * 10)
     backend.gate.clear()  # hold the worker
-    gen = LocalGenerator(backend, queue_size=2)
+    gen = QueuedGenerator(backend, queue_size=2)
     await gen.start()
     first = asyncio.create_task(gen.reply(GenerationRequest("k", (turn("x"),), GREEDY)))
     second = asyncio.create_task(gen.reply(GenerationRequest("k", (turn("y"),), GREEDY)))
@@ -199,7 +199,7 @@ async def test_full_queue_raises_busy():
 
 
 async def test_a_directory_without_weights_stops_with_one_clear_line(tmp_path):
-    gen = LocalGenerator(TransformersBackend(str(tmp_path / "nothing-here")))
+    gen = QueuedGenerator(TransformersBackend(str(tmp_path / "nothing-here")))
     with pytest.raises(ConfigError) as err:
         await gen.start()
     message = str(err.value)
@@ -209,7 +209,7 @@ async def test_a_directory_without_weights_stops_with_one_clear_line(tmp_path):
 
 async def test_hub_id_offline_stops_with_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    gen = LocalGenerator(TransformersBackend("microsoft/DialoGPT-medium"))
+    gen = QueuedGenerator(TransformersBackend("microsoft/DialoGPT-medium"))
     with pytest.raises(ConfigError) as err:
         await gen.start()
     assert "DIALOGBOT_MODEL='microsoft/DialoGPT-medium'" in str(err.value)

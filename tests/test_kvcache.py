@@ -103,7 +103,7 @@ async def test_reset_forget_and_settings_changes_drop_the_cache_through_the_pipe
 
 
 async def test_cache_stays_within_its_byte_bound_least_recently_used_evicted(batcher):
-    gen = await batcher(kv_cache_mb=0.1)  # ~3 short conversations of the tiny model
+    gen = await batcher(kv_cache_mb=0.04)  # ~3 short conversations (tiny model, float16)
     prefix = gen.worker.prefix
     for i in range(12):
         await gen.reply(GenerationRequest(f"console:{i}", (user(f"message number {i}, hi", str(i)),),
@@ -114,7 +114,11 @@ async def test_cache_stays_within_its_byte_bound_least_recently_used_evicted(bat
     # touching an old entry protects it from the next eviction
     kept = [k for k in (f"console:{i}" for i in range(12)) if k in prefix]
     oldest = kept[0]
-    prefix.lookup(oldest, list(prefix._entries[oldest].ids) + [1])
+    i = oldest.split(":")[1]
+    hits = prefix.hits
+    await gen.reply(GenerationRequest(oldest, (user(f"message number {i}, hi", i),
+                                               user("and again", i)), GREEDY))
+    assert prefix.hits == hits + 1 and list(prefix._entries)[-1] == oldest
     await gen.reply(GenerationRequest("console:new", (user("another one " * 15, "new"),), GREEDY))
     assert oldest in prefix and kept[1] not in prefix
     assert prefix.bytes_used <= prefix.max_bytes
