@@ -58,6 +58,7 @@ async def batcher(tiny_model_dir):
 
     async def make(**kwargs):
         kwargs.setdefault("max_wait_ms", 50)
+        kwargs.setdefault("kv_dtype", "float32")  # token parity with generate is an fp32 property
         gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
         await gen.start()
         gens.append(gen)
