@@ -56,11 +56,28 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
     return reason
 
 
+def is_repo_id(source: str) -> bool:
+    """True for what could be a hub id ("name" or "org/name"), not a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
 def pretrained_options(source: str, setting: str) -> dict:
     """Keywords for `from_pretrained(source)`: {} normally; local_files_only when the hub
     cannot be reached but the files are cached. Raises ConfigError (one line, naming
     `setting`) at once when it can be neither downloaded nor found."""
-    if Path(source).exists() or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+    if Path(source).exists():
+        return {}
+    if not is_repo_id(source):
+        raise ConfigError(f"{setting}={source!r}: no such local directory, and not a hub id.")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         return {}
     reason = hub_unreachable()
     if reason is None:

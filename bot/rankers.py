@@ -137,7 +137,7 @@ def load_failure(source: str, exc: BaseException) -> str:
             return "the directory has no config.json"
         return f"{type(exc).__name__} reading the model in it"
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        return "no such directory"
+        return "no such local directory"
     return "not a hub id with a model (or not downloadable)"
 
 

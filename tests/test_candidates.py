@@ -99,6 +99,65 @@ async def run(backend, request, **kwargs):
         await gen.stop()
 
 
+class ScriptedRows:
+    """The batching generator (the default) on the tiny model, with each request's candidate
+    rows decoding scripted texts instead of the model's choice: the worker's real batch,
+    groups, judgement, retry and rankers see exactly these candidates. `calls` holds
+    (settings, rows) per attempt, like `Scripted.calls`."""
+
+    eos_token_id = 50256
+
+    def __init__(self, tok, batches):
+        self.tok = tok
+        self.batches = [list(b) for b in batches]
+        self.calls: list[tuple[DecodingSettings, int]] = []
+        self._scripts: dict[int, list[int]] = {}
+
+    def install(self, worker) -> None:
+        def choose(rows, scores):
+            for row in rows:
+                if id(row) not in self._scripts:
+                    group = [r for r in rows if r.group is row.group]
+                    self.calls.append((row.group.settings, len(group)))
+                    batch = self.batches.pop(0)
+                    assert len(batch) == len(group), "a different number of candidates"
+                    for member, text in zip(group, batch):
+                        self._scripts[id(member)] = self.tok.encode(text)
+            return [(self._scripts[id(r)] + [self.eos_token_id])[len(r.generated)]
+                    for r in rows]
+
+        worker._choose = choose
+
+
+async def run_batching(tiny_model_dir, batches, request, *, tok=None, **kwargs):
+    """`run` through the batching generator with scripted candidates; returns
+    (reply, ScriptedRows)."""
+    from bot.batching import BatchingGenerator
+
+    tok = tok or AutoTokenizer.from_pretrained(tiny_model_dir)
+    script = ScriptedRows(tok, batches)
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
+    await gen.start()
+    script.install(gen.worker)
+    try:
+        return await gen.reply(request), script
+    finally:
+        await gen.stop()
+
+
+@pytest.fixture(params=["one-by-one", "batching"])
+def scripted(request, tiny_model_dir):
+    """scripted(batches, request, **kwargs) -> (reply, calls) through either generator."""
+    async def go(batches, generation_request, **kwargs):
+        if request.param == "one-by-one":
+            backend = Scripted(batches)
+            return await run(backend, generation_request, **kwargs), backend.calls
+        got, script = await run_batching(tiny_model_dir, batches, generation_request, **kwargs)
+        return got, script.calls
+
+    return go
+
+
 # --- one batched call -----------------------------------------------------------------------
 async def test_n_candidates_come_from_one_generate_call(tiny_model_dir):
     backend = RecordingBackend(str(tiny_model_dir), threads=1)
@@ -218,37 +277,126 @@ async def test_one_candidate_never_runs_the_rankers(tiny_model_dir, ranker_dirs)
     assert ranked == plain and calls == []
 
 
+# --- the same through the batching generator (the default) -------------------------------
+def capture_candidates(worker) -> list[list[list[int]]]:
+    """Every candidate batch the worker's reply rules see."""
+    batches: list[list[list[int]]] = []
+    real = worker.screen
+
+    def screen(batch, earlier):
+        batches.append([list(ids) for ids in batch])
+        return real(batch, earlier)
+
+    worker.screen = screen
+    return batches
+
+
+async def test_batching_candidates_are_rows_of_one_batch_after_one_prefill(tiny_model_dir):
+    from bot.batching import BatchingGenerator
+
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1))
+    await gen.start()
+    batches = capture_candidates(gen.worker)
+    history = (turn("tell me something"),)
+    try:
+        got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
+    finally:
+        await gen.stop()
+    stats = gen.worker.stats
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert stats.prefill_tokens == len(tok.encode("tell me something")) + 1  # one prefill
+    assert stats.max_batch == 6 and len(batches) == 1 and len(batches[0]) == 6
+    assert got.text in {tok.decode(ids).strip() for ids in batches[0]}
+
+
+@pytest.mark.parametrize("weights", WEIGHTS[2:])
+async def test_batching_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, ranker_dirs,
+                                                                  weights):
+    from bot.batching import BatchingGenerator
+
+    folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
+    specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                            rankers=Ensemble(specs))
+    await gen.start()
+    batches = capture_candidates(gen.worker)
+    history = (turn("Do you like pizza?"), turn("Yes, a lot.", Role.BOT), turn("Why?"))
+    try:
+        torch.manual_seed(1)
+        got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
+    finally:
+        await gen.stop()
+    (batch,) = batches
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = []
+    for t in history:
+        prompt += tok.encode(t.text) + [tok.eos_token_id]
+    kept, seen = [], set()
+    for ids in batch:
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        if text and text not in seen:
+            seen.add(text)
+            kept.append((ids, text))
+    assert len(kept) >= 3, "sampling should give several different candidates"
+    raw = independent_scores({n: folders[n] for n in weights}, prompt, [i for i, _ in kept])
+    final = [expected_final(raw, weights, i) for i in range(len(kept))]
+    best = max(range(len(kept)), key=final.__getitem__)
+    assert got.text == kept[best][1] and list(got.token_ids) == kept[best][0]
+
+
+async def test_batching_weights_change_the_choice(ranker_dirs, tiny_model_dir):
+    texts = ["yes", "No, I hate it.", "I love pizza so much!", "What is pizza?", "maybe later"]
+    tok = AutoTokenizer.from_pretrained(ranker_dirs[0])
+    folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
+    prompt = tok.encode("Do you like pizza?") + [tok.eos_token_id]
+    raw = independent_scores(folders, prompt, [tok.encode(t) for t in texts])
+    winners = set()
+    for weights in WEIGHTS + [{"r2": (FEEDBACK, 1.0)}]:
+        specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
+        got, _ = await run_batching(
+            tiny_model_dir, [texts], GenerationRequest(
+                "c:1", (turn("Do you like pizza?"),), replace(SAMPLE, candidates=len(texts))),
+            tok=tok, rankers=Ensemble(specs))
+        final = [expected_final(raw, weights, i) for i in range(len(texts))]
+        assert got.text == texts[max(range(len(texts)), key=final.__getitem__)]
+        winners.add(got.text)
+    assert len(winners) > 1
+
+
 # --- no repeats ---------------------------------------------------------------------------
 HISTORY = (turn("hi"), turn("Hello there!", Role.BOT), turn("You said HI?"))
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(
     ["hello, there", "you said hi", "something new"])))
-async def test_repeats_and_parrots_are_never_sent_while_another_candidate_exists(order):
-    backend = Scripted([list(order)])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=3)))
+async def test_repeats_and_parrots_are_never_sent_while_another_candidate_exists(order,
+                                                                                scripted):
+    got, calls = await scripted([list(order)], GenerationRequest(
+        "c:1", HISTORY, replace(SAMPLE, candidates=3)))
     assert got.text == "something new" and not got.fallback
-    assert len(backend.calls) == 1
+    assert len(calls) == 1
 
 
-async def test_all_repeats_regenerate_once_with_sampling_then_fall_back():
-    backend = Scripted([["HELLO THERE"], ["you said hi.", "Fresh words"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(GREEDY, candidates=2)),
-                    fallback_reply="hmm")
+async def test_all_repeats_regenerate_once_with_sampling_then_fall_back(scripted):
+    got, calls = await scripted([["HELLO THERE"], ["you said hi.", "Fresh words"]],
+                                GenerationRequest("c:1", HISTORY,
+                                                  replace(GREEDY, candidates=2)),
+                                fallback_reply="hmm")
     assert got.text == "Fresh words"
-    assert [(s.do_sample, n) for s, n in backend.calls] == [(False, 1), (True, 2)]
+    assert [(s.do_sample, n) for s, n in calls] == [(False, 1), (True, 2)]
 
-    backend = Scripted([["hello there", "you said hi"], ["Hello there", "hello there!!"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=2)),
-                    fallback_reply="hmm")
+    got, calls = await scripted([["hello there", "you said hi"],
+                                 ["Hello there", "hello there!!"]],
+                                GenerationRequest("c:1", HISTORY,
+                                                  replace(SAMPLE, candidates=2)),
+                                fallback_reply="hmm")
     assert got.text == "hmm" and got.fallback and got.token_ids == ()
-    assert len(backend.calls) == 2
+    assert len(calls) == 2
 
 
-async def test_repeat_window_zero_turns_the_rule_off():
-    backend = Scripted([["hello there", "something new"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=2)),
-                    rules=ReplyRules(repeat_window=0))
+async def test_repeat_window_zero_turns_the_rule_off(scripted):
+    got, _ = await scripted([["hello there", "something new"]], GenerationRequest(
+        "c:1", HISTORY, replace(SAMPLE, candidates=2)), rules=ReplyRules(repeat_window=0))
     assert got.text == "hello there"
 
 
@@ -270,18 +418,40 @@ async def test_listed_words_in_any_disguise_are_never_sent(blocklist):
         assert got.text == "a fine reply"
 
 
-async def test_filter_off_drops_nothing():
-    backend = Scripted([["that is bad", "a fine reply"]])
-    got = await run(backend, GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=2)))
+async def test_listed_words_are_never_sent_by_the_batching_generator(blocklist, tiny_model_dir):
+    """Eight requests at once (their candidates decode in shared batches), each with the
+    listed words in disguise among five candidates: each gets the one clean candidate."""
+    from bot.batching import BatchingGenerator
+
+    disguised = ["that is B\u0430D", "sh\u200but   UP now", "b\u00e1d", "\uff42\uff41\uff44!"]
+    orders = list(itertools.permutations(disguised + ["a fine reply"]))[::15]
+    script = ScriptedRows(AutoTokenizer.from_pretrained(tiny_model_dir),
+                          [list(order) for order in orders])
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                            rules=ReplyRules(blocklist=blocklist), max_wait_ms=100)
+    await gen.start()
+    script.install(gen.worker)
+    try:
+        got = await asyncio.gather(*(gen.reply(GenerationRequest(
+            f"c:{i}", (turn("x"),), replace(SAMPLE, candidates=5))) for i in range(len(orders))))
+    finally:
+        await gen.stop()
+    assert [g.text for g in got] == ["a fine reply"] * len(orders)
+    assert len(script.calls) == len(orders) and gen.worker.stats.max_batch >= 10
+
+
+async def test_filter_off_drops_nothing(scripted):
+    got, _ = await scripted([["that is bad", "a fine reply"]], GenerationRequest(
+        "c:1", (turn("x"),), replace(SAMPLE, candidates=2)))
     assert got.text == "that is bad"
 
 
-async def test_all_blocked_gives_the_neutral_line(blocklist):
-    backend = Scripted([["bad", "BAD!"], ["so bad", "shut up"]])
-    got = await run(backend, GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=2)),
-                    rules=ReplyRules(blocklist=blocklist, neutral_reply="Let's move on."))
+async def test_all_blocked_gives_the_neutral_line(blocklist, scripted):
+    got, calls = await scripted([["bad", "BAD!"], ["so bad", "shut up"]], GenerationRequest(
+        "c:1", (turn("x"),), replace(SAMPLE, candidates=2)),
+        rules=ReplyRules(blocklist=blocklist, neutral_reply="Let's move on."))
     assert got.text == "Let's move on." and got.fallback
-    assert len(backend.calls) == 2
+    assert len(calls) == 2
 
 
 # --- through the pipeline -----------------------------------------------------------------
