@@ -115,13 +115,13 @@ class RowsCache(Cache):
         self.rows = rows
         self.starts = starts
         self.scratch = scratch
+        self._new: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        n = key_states.shape[2]
-        for i, (row, start) in enumerate(zip(self.rows, self.starts)):
-            row.buf[layer_idx, 0, :, start:start + n] = key_states[i]
-            row.buf[layer_idx, 1, :, start:start + n] = value_states[i]
+        """Keep the layer's new keys/values; `attend` (called next, for the same layer)
+        writes each row's into its buffer as it attends."""
+        self._new = torch.stack((key_states, value_states))  # [2, rows, heads, q, dim]
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -129,25 +129,25 @@ class RowsCache(Cache):
 
     def attend(self, layer: int, query: torch.Tensor, scaling: float | None,
                ) -> torch.Tensor:
-        """Attention of each row's new tokens over its own keys/values (causal for a prefill
-        of several tokens). query [rows, heads, q, dim] -> [rows, q, heads, dim]."""
-        rows, heads, q_len, dim = query.shape
-        out = query.new_empty((rows, q_len, heads, dim))
+        """Write each row's new keys/values into its buffer, then attend its new tokens over
+        its own keys/values (causal for a prefill of several tokens).
+        query [rows, heads, q, dim] -> [rows, q, heads, dim]."""
+        q_len = query.shape[2]
+        new, outs = self._new, []
         for i, (row, start) in enumerate(zip(self.rows, self.starts)):
             end = start + q_len
-            keys, values = row.buf[layer, 0, :, :end], row.buf[layer, 1, :, :end]
-            if keys.dtype != query.dtype:
-                keys = self.scratch[0, :, :end].copy_(keys)
-                values = self.scratch[1, :, :end].copy_(values)
+            row.buf[layer, :, :, start:end] = new[:, i]
+            kv = row.buf[layer, :, :, :end]
+            if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
+                kv = self.scratch[:, :, :end].copy_(kv)
             mask = None
             if q_len > 1:
                 mask = torch.ones((q_len, end), dtype=torch.bool,
                                   device=query.device).tril(start)
-            att = torch.nn.functional.scaled_dot_product_attention(
-                query[i:i + 1], keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-                scale=scaling)
-            out[i] = att[0].transpose(0, 1)
-        return out
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[i:i + 1], kv[0:1], kv[1:2], attn_mask=mask, scale=scaling))
+        self._new = None
+        return torch.cat(outs).transpose(1, 2)
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
