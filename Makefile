@@ -25,9 +25,11 @@ chat: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# throughput and latency of every generator option, then what reply quality costs
+# throughput, latency and memory of every generator option on the DialoGPT-medium shape (the
+# bot's default model), then on the small shape, then what reply quality costs
 bench: $(STAMP)
-	$(PY) bench/bench.py $(ARGS)
+	$(PY) bench/bench.py --size medium --json bench/results/medium.json $(ARGS)
+	$(PY) bench/bench.py --size small --json bench/results/small.json $(ARGS)
 	$(PY) bench/bench_quality.py --lm-shape small --ranker-shape medium --new-tokens 40 $(QUALITY_ARGS)
 
 clean:

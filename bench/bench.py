@@ -1,33 +1,41 @@
-"""Throughput and latency of the bot's generators against the model card's loop, in one run.
+"""Throughput, latency and memory of the bot's generators against the model card's loop.
 
-    make bench ARGS="--quick"            # ~2 minutes on 2 cores
-    .venv/bin/python bench/bench.py --size small --runs 3 --json bench.json
+    make bench                                   # medium, then small, then bench_quality
+    .venv/bin/python bench/bench.py --size medium --runs 3 --json bench/results/medium.json
+    .venv/bin/python bench/bench.py --size medium --runs 1 --only torch-fp32-batching
 
-Model: a DialoGPT-shaped random-weight model (`tests.modelkit`, small or medium: the same
-compute as the real one) with the real GPT-2 tokenizer, built once into the cache directory.
-Its end-of-text logit is pushed down (`never_eos=True`, no change in compute), so EVERY reply
-runs to exactly 40 new tokens on every path; each measured reply is checked (40 token ids, no
-fallback) and the count of bad replies is printed with the results.
+Model: a DialoGPT-shaped random-weight model (`tests.modelkit`, medium by default — the bot's
+default model — or small: the same compute as the real one) with the real GPT-2 tokenizer,
+built once into the cache directory. Its end-of-text logit is pushed down (`never_eos=True`,
+no change in compute), so EVERY reply runs to exactly 40 new tokens on every path; each
+measured reply is checked (40 token ids, no fallback) and the count of bad replies is printed.
 
-Workload: requests whose prompts hold 60-200 tokens (1-3 turns of made-up text), the bot's
-default decoding settings (sampling, top-k 50, top-p 0.9, temperature 0.8, no-repeat 3-grams),
-40 new tokens. Every generator is built by `bot.app.make_generator` from a `Config` and driven
-through its async `reply()` with `GenerationRequest`s of `Turn`s, exactly as the pipeline does.
+Cold workload: requests whose prompts hold 60-200 tokens (1-3 turns of made-up text), the
+bot's default decoding settings (sampling, top-k 50, top-p 0.9, temperature 0.8, no-repeat
+3-grams), 40 new tokens. Every generator is built by `bot.app.make_generator` from a `Config`
+and driven through its async `reply()` with `GenerationRequest`s of `Turn`s, as the pipeline
+does.
 
-Measured, each option in its own subprocess (clean peak RSS), medians over --runs:
-- baseline: the model card's loop, `model.generate` on one request after another;
-- per generator option (torch fp32 one-by-one, batching generator with and without the
-  oneDNN-packed weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when
-  installed): 1, 4 and 16 channels each sending one request at once: aggregate new tokens/s,
-  p50/p95 reply latency, ratio to the baseline's tokens/s;
-- batching generators: a 16th request arriving while 15 channels decode: the time until its
-  prefill starts against one 15-row decode step;
-- event-loop lag (a 10 ms ticker: how late each tick wakes) p50/p99/max during the 16-channel
-  run (the largest run with --quick for one-by-one generators);
-- one conversation of ~20-token user turns (the window slides after ~16 turns): reply latency
-  on turn 1 and the median over turns 26-35 (26-30 with --quick, whose turns 1-24 are
-  prefilled with made-up replies instead of generated ones), with and without KV cache reuse;
-- peak RSS of the process.
+Measured, each option in its own subprocess (clean peak RSS), in rounds (`--runs`; each
+option's ratio is taken against its own round's baseline, then the median over rounds):
+- baseline: the model card's loop, `model.generate` on one request after another (cold
+  prompts, and the warm workload's first turns);
+- per generator option (torch fp32 one-by-one, batching with and without the oneDNN-packed
+  weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when installed): 1, 4 and
+  16 channels each sending one request at once: aggregate new tokens/s, p50/p95 latency,
+  ratio to the baseline's tokens/s; event-loop lag (a 10 ms ticker) during the largest run;
+- batching generators: a 16th request arriving while 15 channels decode (time until its
+  prefill starts against one 15-row decode step), and the ceiling: their 16-row decode steps
+  against the bare batched forward of the model alone on the same cache lengths
+  (`bench/workloads.py`);
+- warm workload (`bench/workloads.py`; skip with --no-warm): 16 and 64 channels each in the
+  middle of a conversation (400-900 tokens of history), several turns each, with the default
+  (auto) KV budget and 512 MiB: tokens/s, p50/p95, cache hit rate, against the model card's
+  loop on the same turns;
+- one conversation of ~20-token user turns (the window slides every few turns): turn 1 and
+  the median over turns 26-35 (26-30 with --quick), with and without KV cache reuse, and
+  where a turn's time goes (prefill tokens and seconds, decode step time);
+- memory: RSS after loading, peak during loading, peak over the whole run.
 """
 
 from __future__ import annotations
@@ -817,6 +825,7 @@ def main() -> int:
     print(table(report))
     print(f"\nbench took {report['seconds']:.0f} s")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"JSON written to {args.json}")
     else:
