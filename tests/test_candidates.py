@@ -200,17 +200,33 @@ WEIGHTS = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["one-by-one", "batching"])
 @pytest.mark.parametrize("weights", WEIGHTS)
 async def test_chosen_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, ranker_dirs,
-                                                              weights):
+                                                              weights, kind):
+    from bot.batching import BatchingGenerator
+
     folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
     specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-    backend = RecordingBackend(str(tiny_model_dir), threads=1)
     history = (turn("Do you like pizza?"), turn("Yes, a lot.", Role.BOT), turn("Why?"))
-    torch.manual_seed(1)
-    got = await run(backend, GenerationRequest("c", history, SAMPLE), rankers=Ensemble(specs))
+    if kind == "one-by-one":
+        backend = RecordingBackend(str(tiny_model_dir), threads=1)
+        torch.manual_seed(1)
+        got = await run(backend, GenerationRequest("c", history, SAMPLE),
+                        rankers=Ensemble(specs))
+        batches = backend.batches
+    else:  # the candidates are rows of the batch; the worker's rules see the same batch
+        gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                                rankers=Ensemble(specs))
+        await gen.start()
+        batches = capture_candidates(gen.worker)
+        try:
+            torch.manual_seed(1)
+            got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
+        finally:
+            await gen.stop()
 
-    (batch,) = backend.batches
+    (batch,) = batches
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = []
     for t in history:
@@ -229,7 +245,8 @@ async def test_chosen_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, 
     assert list(got.token_ids) == kept[best][0]
 
 
-async def test_weights_change_the_choice(ranker_dirs):
+@pytest.mark.parametrize("kind", ["one-by-one", "batching"])
+async def test_weights_change_the_choice(ranker_dirs, tiny_model_dir, kind):
     """Same candidates, different weights: the winner follows the combined score."""
     texts = ["yes", "No, I hate it.", "I love pizza so much!", "What is pizza?", "maybe later"]
     tok = AutoTokenizer.from_pretrained(ranker_dirs[0])
@@ -239,10 +256,13 @@ async def test_weights_change_the_choice(ranker_dirs):
     winners = set()
     for weights in WEIGHTS + [{"r2": (FEEDBACK, 1.0)}, {"r0": (HUMAN_LIKE, 1.0)}]:
         specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-        backend = TokenScripted(tok, [texts])
-        got = await run(backend, GenerationRequest(
-            "c", (turn("Do you like pizza?"),), replace(SAMPLE, candidates=len(texts))),
-            rankers=Ensemble(specs))
+        request = GenerationRequest("c:1", (turn("Do you like pizza?"),),
+                                    replace(SAMPLE, candidates=len(texts)))
+        if kind == "one-by-one":
+            got = await run(TokenScripted(tok, [texts]), request, rankers=Ensemble(specs))
+        else:
+            got, _ = await run_batching(tiny_model_dir, [texts], request, tok=tok,
+                                        rankers=Ensemble(specs))
         final = [expected_final(raw, weights, i) for i in range(len(texts))]
         assert got.text == texts[max(range(len(texts)), key=final.__getitem__)]
         winners.add(got.text)
@@ -307,60 +327,6 @@ async def test_batching_candidates_are_rows_of_one_batch_after_one_prefill(tiny_
     assert stats.prefill_tokens == len(tok.encode("tell me something")) + 1  # one prefill
     assert stats.max_batch == 6 and len(batches) == 1 and len(batches[0]) == 6
     assert got.text in {tok.decode(ids).strip() for ids in batches[0]}
-
-
-@pytest.mark.parametrize("weights", WEIGHTS[2:])
-async def test_batching_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, ranker_dirs,
-                                                                  weights):
-    from bot.batching import BatchingGenerator
-
-    folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
-    specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
-                            rankers=Ensemble(specs))
-    await gen.start()
-    batches = capture_candidates(gen.worker)
-    history = (turn("Do you like pizza?"), turn("Yes, a lot.", Role.BOT), turn("Why?"))
-    try:
-        torch.manual_seed(1)
-        got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
-    finally:
-        await gen.stop()
-    (batch,) = batches
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt = []
-    for t in history:
-        prompt += tok.encode(t.text) + [tok.eos_token_id]
-    kept, seen = [], set()
-    for ids in batch:
-        text = tok.decode(ids, skip_special_tokens=True).strip()
-        if text and text not in seen:
-            seen.add(text)
-            kept.append((ids, text))
-    assert len(kept) >= 3, "sampling should give several different candidates"
-    raw = independent_scores({n: folders[n] for n in weights}, prompt, [i for i, _ in kept])
-    final = [expected_final(raw, weights, i) for i in range(len(kept))]
-    best = max(range(len(kept)), key=final.__getitem__)
-    assert got.text == kept[best][1] and list(got.token_ids) == kept[best][0]
-
-
-async def test_batching_weights_change_the_choice(ranker_dirs, tiny_model_dir):
-    texts = ["yes", "No, I hate it.", "I love pizza so much!", "What is pizza?", "maybe later"]
-    tok = AutoTokenizer.from_pretrained(ranker_dirs[0])
-    folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
-    prompt = tok.encode("Do you like pizza?") + [tok.eos_token_id]
-    raw = independent_scores(folders, prompt, [tok.encode(t) for t in texts])
-    winners = set()
-    for weights in WEIGHTS + [{"r2": (FEEDBACK, 1.0)}]:
-        specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-        got, _ = await run_batching(
-            tiny_model_dir, [texts], GenerationRequest(
-                "c:1", (turn("Do you like pizza?"),), replace(SAMPLE, candidates=len(texts))),
-            tok=tok, rankers=Ensemble(specs))
-        final = [expected_final(raw, weights, i) for i in range(len(texts))]
-        assert got.text == texts[max(range(len(texts)), key=final.__getitem__)]
-        winners.add(got.text)
-    assert len(winners) > 1
 
 
 # --- no repeats ---------------------------------------------------------------------------

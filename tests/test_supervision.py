@@ -13,20 +13,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.app import build_app
-from bot.batching import BatchingGenerator
 from bot.errors import GenerationError
-from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.hf import TransformersBackend
+from bot.events import DecodingSettings
 from bot.rankers import FEEDBACK, Ensemble, RankerSpec
 from tests.recording import RecordingAdapter, message
+from tests.test_batching import EOS, GREEDY, batcher, hf, request, solo  # noqa: F401
 from tests.test_metrics import get
 from tests.test_rankers import make_ranker_dirs
 
-EOS = 50256
-GREEDY = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=16)
 SAMPLED = DecodingSettings(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                            no_repeat_ngram_size=0, max_new_tokens=10, candidates=3)
 TEXTS = ["hello there", "what is the meaning of life, the universe and everything?",
@@ -39,45 +35,6 @@ class Injected(Exception):
 
 class WorkerDeath(BaseException):
     """Not an Exception: nothing in the worker's loop catches it, the thread ends."""
-
-
-def request(text: str, settings: DecodingSettings = GREEDY, channel: str = "c"):
-    return GenerationRequest(f"console:{channel}", (Turn("console", channel, Role.USER, text),),
-                             settings)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    return (AutoTokenizer.from_pretrained(tiny_model_dir),
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
-
-
-def solo(hf, text: str, settings: DecodingSettings = GREEDY) -> list[int]:
-    tok, model = hf
-    prompt = tok.encode(text) + [EOS]
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
-            1, len(prompt), dtype=torch.long), max_new_tokens=settings.max_new_tokens,
-            do_sample=False, pad_token_id=EOS)
-    new = out[0, len(prompt):].tolist()
-    return new[:new.index(EOS)] if EOS in new else new
-
-
-@pytest.fixture
-async def batcher(tiny_model_dir):
-    gens = []
-
-    async def make(**kwargs):
-        kwargs.setdefault("max_wait_ms", 100)  # the requests of a test start together
-        kwargs.setdefault("kv_dtype", "float32")
-        gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
-        await gen.start()
-        gens.append(gen)
-        return gen
-
-    yield make
-    for gen in gens:
-        await gen.stop()
 
 
 def fail_once(obj, name: str, when):
@@ -109,7 +66,7 @@ async def others_finish_and_the_next_is_prompt(gen, hf, bad: asyncio.Task, texts
 
 
 async def test_a_fault_while_one_row_joins_the_batch_fails_that_request_only(batcher, hf):
-    gen = await batcher()
+    gen = await batcher(max_wait_ms=100)
     fired = fail_once(gen.worker, "_join",
                       lambda row: row.job.request.channel_key == "console:bad")
     bad = asyncio.create_task(gen.reply(request(TEXTS[1], GREEDY, "bad")))
@@ -123,7 +80,7 @@ async def test_a_fault_in_ranking_fails_that_request_only(batcher, hf, tiny_mode
                                                           tmp_path):
     (ranker,) = make_ranker_dirs(tmp_path, count=1)
     ensemble = Ensemble([RankerSpec("r0", str(ranker), FEEDBACK, 1.0)])
-    gen = await batcher(rankers=ensemble)
+    gen = await batcher(rankers=ensemble, max_wait_ms=100)
     tok = hf[0]
     bad_prompt = tok.encode(TEXTS[1]) + [EOS]
     fired = fail_once(ensemble, "best", lambda prompt, candidates: list(prompt) == bad_prompt)
@@ -139,7 +96,7 @@ async def test_a_fault_in_ranking_fails_that_request_only(batcher, hf, tiny_mode
 
 
 async def test_a_fault_in_one_rows_retry_fails_that_request_only(batcher, hf):
-    gen = await batcher()
+    gen = await batcher(max_wait_ms=100)
     worker = gen.worker
     real_screen = worker.screen
 
@@ -157,7 +114,7 @@ async def test_a_fault_in_one_rows_retry_fails_that_request_only(batcher, hf):
 
 
 async def test_a_decode_step_that_fails_for_one_row_fails_only_that_row(batcher, hf):
-    gen = await batcher()
+    gen = await batcher(max_wait_ms=100)
     worker = gen.worker
     real = worker._choose
 
