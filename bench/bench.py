@@ -419,6 +419,7 @@ async def run_option(args) -> dict:
                                    channels=args.warm_channels, rounds=args.warm_rounds,
                                    seed=9000 + run) for run in run_ids(args)]
             result["warm"] = median_of(runs)
+            result["peak_rss_mb"] = peak_rss_mb()  # before the ceiling's own padded cache
             if args.warm_channels >= 16:
                 lengths = [n + NEW_TOKENS // 2 for n in runs[-1]["last_prompts"]]
                 result["warm"]["bare"] = bare_ceiling(generator.backend.model, lengths)
@@ -431,16 +432,11 @@ async def run_option(args) -> dict:
                                               args.worker) for run in run_ids(args)]
                 result[f"c{level}"] = median_of(runs)
             stats = getattr(getattr(generator, "worker", None), "stats", None)
-            if stats is not None:  # batching: its 16-row steps against the bare model's
-                from workloads import bare_ceiling
-
-                steps = [s for _, rows, s in list(stats.steps) if rows == 16]
-                lengths = [len(model_card_ids(tokenizer, turns)) + NEW_TOKENS // 2
-                           for turns in make_prompts(tokenizer, 16, 16000 + args.first_run)]
+            if stats is not None:  # batching: its 16-row steps, for the ceiling (run last)
+                steps = [s for _, rows, s in list(stats.steps) if rows == 16][-39:]
                 result["ceiling"] = dict(
-                    bare_ceiling(generator.backend.model, lengths),
-                    bot_step_ms=1000 * statistics.median(steps[-39:]) if steps else None,
-                    bot_tokens_per_s=16 * len(steps[-39:]) / sum(steps[-39:]) if steps else None)
+                    bot_step_ms=1000 * statistics.median(steps) if steps else None,
+                    bot_tokens_per_s=16 / statistics.median(steps) if steps else None)
             if hasattr(getattr(generator, "worker", None), "stats"):  # batching
                 runs = [await join_run(generator, tokenizer, run, checker)
                         for run in run_ids(args)]
@@ -454,6 +450,13 @@ async def run_option(args) -> dict:
         if stats is not None and hasattr(stats, "reused_tokens"):
             result["reused_tokens"] = stats.reused_tokens
             result["prefill_tokens"] = stats.prefill_tokens
+        if result.get("ceiling", {}).get("bot_step_ms"):
+            from workloads import bare_ceiling
+
+            result["peak_rss_mb"] = peak_rss_mb()  # before the ceiling's own padded cache
+            lengths = [len(model_card_ids(tokenizer, turns)) + NEW_TOKENS // 2
+                       for turns in make_prompts(tokenizer, 16, 16000 + args.first_run)]
+            result["ceiling"].update(bare_ceiling(generator.backend.model, lengths))
     finally:
         await generator.stop()
     result.update(replies_checked=checker.replies, bad_replies=checker.bad)
@@ -752,7 +755,7 @@ def main() -> int:
             result = run_baseline(args)
         else:
             result = asyncio.run(run_option(args))
-        result["peak_rss_mb"] = peak_rss_mb()
+        result.setdefault("peak_rss_mb", peak_rss_mb())
         args.out.write_text(json.dumps(result))
         return 0
 

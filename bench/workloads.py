@@ -88,7 +88,6 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
                            for k, t in zip(keys, turns)])
     before = generator.cache_stats()
     stats = generator.worker.stats
-    first_step = len(stats.steps)
     latencies: list[float] = []
     prompt_tokens: list[int] = []
     wall = 0.0
@@ -104,14 +103,15 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
         checker.check(got)
         history.append(Turn("bench", keys[index], Role.BOT, got.text, token_ids=got.token_ids))
 
+    first_started = time.monotonic()
     for _ in range(rounds):
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(channels)))
         wall += time.perf_counter() - started
     after = generator.cache_stats()
     lookups = (after.hits - before.hits) + (after.misses - before.misses)
-    steps = [s for s in list(stats.steps)[first_step:] if s[1] == min(16, channels)]
-    full = [seconds for _, _, seconds in steps]
+    full = [seconds for started, rows, seconds in stats.steps
+            if rows == min(16, channels) and started >= first_started]
     return dict(channels=channels, rounds=rounds, replies=channels * rounds,
                 tokens_per_s=channels * rounds * NEW_TOKENS / wall,
                 p50_s=statistics.median(latencies),
@@ -120,7 +120,7 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
                 cache_mb=after.max_bytes / 2**20,
                 prompt_min=min(prompt_tokens), prompt_max=max(prompt_tokens),
                 step16_ms=1000 * statistics.median(full) if full else None,
-                decode16_tokens_per_s=len(full) * 16 / sum(full) if full else None,
+                decode16_tokens_per_s=16 / statistics.median(full) if full else None,
                 last_prompts=prompt_tokens[-min(16, channels):])
 
 
@@ -186,7 +186,7 @@ class TurnProfile:
         if self.stats is not None:
             s = self.stats
             self._start = (s.prefill_tokens, s.prefill_seconds, s.reused_tokens,
-                           len(s.steps), self.cache().hits)
+                           s.decode_steps, s.decode_seconds, self.cache().hits)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -194,11 +194,10 @@ class TurnProfile:
             self.figures = {}
             return
         s = self.stats
-        tokens, seconds, reused, first_step, hits = self._start
-        steps = list(s.steps)[first_step:]
+        tokens, seconds, reused, steps, decode_seconds, hits = self._start
         self.figures = dict(prefill_tokens=s.prefill_tokens - tokens,
                             prefill_s=s.prefill_seconds - seconds,
                             reused_tokens=s.reused_tokens - reused,
-                            decode_steps=len(steps),
-                            decode_s=sum(seconds for _, _, seconds in steps),
+                            decode_steps=s.decode_steps - steps,
+                            decode_s=s.decode_seconds - decode_seconds,
                             hit=self.cache().hits - hits)

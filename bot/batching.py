@@ -62,10 +62,12 @@ class BatchStats:
     """Counters for tests and the benchmark (written by the worker thread only)."""
 
     prefill_tokens: int = 0  # tokens run through the model in prefills
+    prefill_passes: int = 0  # forward passes that ran them (several prompts packed in one)
     prefill_seconds: float = 0.0  # time spent in those prefills (model call and first token)
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     decode_steps: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
+    decode_seconds: float = 0.0  # time spent in decode steps
     max_batch: int = 0
     # the last 1,000 of: (arrival in the queue, start of its prefill) per request and
     # (start, rows, seconds) per decode step, on the `time.monotonic` clock
@@ -118,9 +120,11 @@ class BatchWorker(GenerationWorker):
     def __init__(self, backend: Backend, fallback_reply: str, *, max_batch_size: int = 16,
                  max_wait: float = 0.002, cache_bytes: int | None = 512 * 2**20,
                  window_step: int = 256, kv_dtype: str = "float16",
-                 rules: ReplyRules | None = None, rankers: "Ensemble | None" = None):
+                 prefill_tokens: int = 2048, rules: ReplyRules | None = None,
+                 rankers: "Ensemble | None" = None):
         super().__init__(backend, fallback_reply, rules, rankers)
         self.max_batch_size = max(1, max_batch_size)
+        self.prefill_tokens = prefill_tokens  # most new tokens run in one packed prefill
         self.max_wait = max(0.0, max_wait)
         self.window_step = window_step
         self.kv_dtype = KV_DTYPES[kv_dtype]
@@ -174,8 +178,7 @@ class BatchWorker(GenerationWorker):
         with torch.inference_mode():
             while not self._stopping:
                 try:
-                    for job in self._take():
-                        self._admit(job)
+                    self._admit(self._take())
                     self._regroup()
                     if self._rows:
                         self._step()
@@ -207,23 +210,23 @@ class BatchWorker(GenerationWorker):
             taken.append(job)
         return taken
 
-    def _admit(self, job: _Job) -> None:
-        if job.abandoned:
-            return
-        self.stats.admissions.append((job.queued_at, time.monotonic()))
-        group = None
-        try:
-            ticket = self.prefix.ticket()
-            prompt = self.prompt_for(job.request, ticket)
-            earlier = earlier_lines(job.request.turns, self.rules.repeat_window)
-            group = _Group(job, prompt, job.request.settings, ticket, False, earlier)
-            self._prefill(group)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
-            log.exception("generation failed for %s", job.request.channel_key)
-            if group is not None:
-                self._fail(group, exc)
-            else:
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Build the new requests' prompts and prefill them (a failure fails its request)."""
+        groups = []
+        for job in jobs:
+            if job.abandoned:
+                continue
+            self.stats.admissions.append((job.queued_at, time.monotonic()))
+            try:
+                ticket = self.prefix.ticket()
+                prompt = self.prompt_for(job.request, ticket)
+                earlier = earlier_lines(job.request.turns, self.rules.repeat_window)
+                groups.append(_Group(job, prompt, job.request.settings, ticket, False, earlier))
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+                log.exception("generation failed for %s", job.request.channel_key)
                 job.fail(exc)
+        if groups:
+            self._prefill(groups)
 
     def prompt_for(self, request: GenerationRequest, ticket: int = 0) -> list[int]:
         """The conversation's prompt: turns encoded, windowed so its start stays put."""
@@ -237,28 +240,76 @@ class BatchWorker(GenerationWorker):
         return prompt
 
     def _forward(self, rows: list[RowKV], starts: list[int], ids: list[list[int]],
-                 **kwargs) -> torch.Tensor:
-        """The model over `ids` (one list per row, each starting at its row's `start`):
-        the last position's logits per row, as float."""
+                 packed: bool) -> torch.Tensor:
+        """The model over each row's new `ids` (row i's start at `starts[i]`): one token per
+        row (a decode step) or, `packed`, every row's tokens one after another in a single
+        sequence (prefills). Each row's last logits, as float [rows, vocab]."""
         device = self.layout.device
+        if packed:
+            lengths = [len(x) for x in ids]
+            cache = RowsCache(rows, starts, self._scratch, lengths)
+            flat = [token for x in ids for token in x]
+            positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
+            last = torch.tensor(lengths, device=device).cumsum(0) - 1
+            out = self.backend.model(
+                input_ids=torch.tensor([flat], dtype=torch.long, device=device),
+                position_ids=torch.tensor([positions], device=device),
+                attention_mask=self._no_mask, cache=cache, use_cache=True,
+                logits_to_keep=last, **{ATTENTION: cache})
+            return out.logits[0].float()
         cache = RowsCache(rows, starts, self._scratch)
-        width = len(ids[0])
         out = self.backend.model(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            position_ids=torch.tensor([list(range(s, s + width)) for s in starts],
-                                      device=device),
+            position_ids=torch.tensor([[s] for s in starts], device=device),
             attention_mask=self._no_mask, cache=cache, use_cache=True, logits_to_keep=1,
-            **{ATTENTION: cache}, **kwargs)
+            **{ATTENTION: cache})
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, group: _Group) -> None:
-        """Run the prompt's new tokens alone, pick each candidate's first token; the rows join
-        the batch at the next regroup unless they are already finished."""
-        prompt = group.prompt
+    def _prefill(self, groups: list[_Group]) -> None:
+        """Run the prompts' new tokens (each conversation's cached keys/values taken from the
+        prefix cache), packed into forwards of up to `prefill_tokens` tokens, and pick each
+        candidate's first token; the rows join the batch at the next regroup unless they are
+        already finished. If a packed forward raises, its prompts are run one by one and only
+        one that fails again fails its request."""
         started = time.monotonic()
-        reuse, kv = self.prefix.take(group.job.request.channel_key, prompt)
-        kv = kv or self.layout.new_row()
-        logits = self._forward([kv], [reuse], [prompt[reuse:]])
+        items = []
+        for group in groups:
+            reuse, kv = self.prefix.take(group.job.request.channel_key, group.prompt)
+            items.append((group, reuse, kv or self.layout.new_row()))
+        pack: list = []
+        for item in items:
+            if pack and sum(len(g.prompt) - r for g, r, _ in pack) + len(item[0].prompt) - \
+                    item[1] > self.prefill_tokens:
+                self._prefill_pack(pack)
+                pack = []
+            pack.append(item)
+        self._prefill_pack(pack)
+        self.stats.prefill_seconds += time.monotonic() - started
+
+    def _prefill_pack(self, pack: list) -> None:
+        self.stats.prefill_passes += 1
+        try:
+            logits = self._forward([kv for _, _, kv in pack], [r for _, r, _ in pack],
+                                   [g.prompt[r:] for g, r, _ in pack], packed=True)
+        except Exception as exc:  # noqa: BLE001
+            if len(pack) == 1:
+                log.exception("prefill failed for %s", pack[0][0].job.request.channel_key)
+                self._fail(pack[0][0], exc)
+                return
+            log.exception("a prefill of %d prompts failed; running them one by one", len(pack))
+            for item in pack:
+                self._prefill_pack([item])
+            return
+        for (group, reuse, kv), scores in zip(pack, logits):
+            try:
+                self._start(group, reuse, kv, scores)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("generation failed for %s", group.job.request.channel_key)
+                self._fail(group, exc)
+
+    def _start(self, group: _Group, reuse: int, kv: RowKV, scores: torch.Tensor) -> None:
+        """The group's candidate rows from its prefilled prompt; their first tokens."""
+        prompt = group.prompt
         kv.length = len(prompt)
         self.stats.prefill_tokens += len(prompt) - reuse
         self.stats.reused_tokens += reuse
@@ -268,8 +319,7 @@ class BatchWorker(GenerationWorker):
         rows = [_Row(group, bans.copy() if bans and i else bans,
                      kv if i == 0 else kv.copy(len(prompt)), tokens=list(prompt),
                      kv_len=len(prompt)) for i in range(n)]
-        chosen = self._choose(rows, logits.repeat(n, 1))
-        self.stats.prefill_seconds += time.monotonic() - started
+        chosen = self._choose(rows, scores.unsqueeze(0).repeat(n, 1))
         self._joining += rows
         self._advance(rows, chosen)
 
@@ -311,14 +361,16 @@ class BatchWorker(GenerationWorker):
                 except Exception as exc:  # noqa: BLE001 - this request fails, others go on
                     self._fail(row.group, exc)
             return
+        seconds = time.monotonic() - started
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
-        self.stats.steps.append((started, len(rows), time.monotonic() - started))
+        self.stats.decode_seconds += seconds
+        self.stats.steps.append((started, len(rows), seconds))
         self._advance(rows, chosen)
 
     def _decode(self, rows: list[_Row]) -> list[int]:
         logits = self._forward([r.kv for r in rows], [r.kv_len for r in rows],
-                               [[r.tokens[-1]] for r in rows])
+                               [[r.tokens[-1]] for r in rows], packed=False)
         chosen = self._choose(rows, logits)
         for row in rows:
             row.kv_len += 1
@@ -380,8 +432,8 @@ class BatchWorker(GenerationWorker):
         job = group.job
         kept, blocked = self.screen(group.results, group.earlier)
         if not kept and not group.retried and not job.abandoned:
-            self._prefill(_Group(job, group.prompt, retry_settings(group.settings),
-                                 group.ticket, True, group.earlier))
+            self._prefill([_Group(job, group.prompt, retry_settings(group.settings),
+                                  group.ticket, True, group.earlier)])
             return
         job.succeed(self.decide(group.prompt, kept, blocked, job.abandoned))
 

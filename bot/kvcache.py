@@ -105,49 +105,62 @@ class RowKV:
 class RowsCache(Cache):
     """What one forward pass sees: each row's buffer and the position its new tokens start at.
 
-    Passed to the model as `cache` (transformers writes each layer's new keys/values through
-    `update`) and as `dialogbot_rows` (the attention function reads it). The model's config
-    must use the "dialogbot_rows" attention (`use_rows_attention`)."""
+    Two shapes of input: one token per row (a decode step: input [rows, 1]), or the new
+    tokens of several rows packed one after another in a single sequence (prefills: input
+    [1, sum(lengths)], each row's `lengths[i]` tokens in turn). Passed to the model as `cache`
+    (transformers hands each layer's new keys/values to `update`) and as `dialogbot_rows` (the
+    attention function calls `attend`); the model's config must use the "dialogbot_rows"
+    attention (`use_rows_attention`)."""
 
     def __init__(self, rows: Sequence[RowKV], starts: Sequence[int],
-                 scratch: torch.Tensor | None = None):
+                 scratch: torch.Tensor | None = None, lengths: Sequence[int] | None = None):
         super().__init__(layers=[])
         self.rows = rows
         self.starts = starts
         self.scratch = scratch
+        self.lengths = lengths  # None: one token per row (decode)
         self._new: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the layer's new keys/values; `attend` (called next, for the same layer)
         writes each row's into its buffer as it attends."""
-        self._new = torch.stack((key_states, value_states))  # [2, rows, heads, q, dim]
+        self._new = torch.stack((key_states, value_states))  # [2, batch, heads, q, dim]
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.starts, default=0)
 
+    def _segments(self, q_len: int):
+        """(batch index, query offset, new tokens, start) per row."""
+        if self.lengths is None:
+            return [(i, 0, q_len, start) for i, start in enumerate(self.starts)]
+        out, offset = [], 0
+        for n, start in zip(self.lengths, self.starts):
+            out.append((0, offset, n, start))
+            offset += n
+        return out
+
     def attend(self, layer: int, query: torch.Tensor, scaling: float | None,
                ) -> torch.Tensor:
         """Write each row's new keys/values into its buffer, then attend its new tokens over
-        its own keys/values (causal for a prefill of several tokens).
-        query [rows, heads, q, dim] -> [rows, q, heads, dim]."""
-        q_len = query.shape[2]
+        its own keys/values (causal among several new tokens).
+        query [batch, heads, q, dim] -> [batch, q, heads, dim]."""
         new, outs = self._new, []
-        for i, (row, start) in enumerate(zip(self.rows, self.starts)):
-            end = start + q_len
-            row.buf[layer, :, :, start:end] = new[:, i]
+        for row, (b, offset, n, start) in zip(self.rows, self._segments(query.shape[2])):
+            end = start + n
+            row.buf[layer, :, :, start:end] = new[:, b, :, offset:offset + n]
             kv = row.buf[layer, :, :, :end]
             if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
                 kv = self.scratch[:, :, :end].copy_(kv)
             mask = None
-            if q_len > 1:
-                mask = torch.ones((q_len, end), dtype=torch.bool,
-                                  device=query.device).tril(start)
+            if n > 1:
+                mask = torch.ones((n, end), dtype=torch.bool, device=query.device).tril(start)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                query[i:i + 1], kv[0:1], kv[1:2], attn_mask=mask, scale=scaling))
+                query[b:b + 1, :, offset:offset + n], kv[0:1], kv[1:2], attn_mask=mask,
+                scale=scaling))
         self._new = None
-        return torch.cat(outs).transpose(1, 2)
+        return torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

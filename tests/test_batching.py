@@ -75,8 +75,10 @@ async def test_every_batched_greedy_row_equals_its_solo_run(batcher, hf, tiny_mo
                 for n in (4, 16, 9, 24, 1, 12)]
     got = await asyncio.gather(*(gen.reply(request(t, s, str(i)))
                                  for i, (t, s) in enumerate(zip(TEXTS, settings))))
-    # all decoded together, but the max_new_tokens=1 row: it is done after its prefill
+    # all prefilled in one packed pass and decoded together, but the max_new_tokens=1 row:
+    # it is done after its prefill
     assert gen.worker.stats.max_batch == len(TEXTS) - 1
+    assert gen.worker.stats.prefill_passes == 1
     local = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1))
     await local.start()
     try:

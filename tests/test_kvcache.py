@@ -270,13 +270,12 @@ async def test_a_join_or_a_leave_does_not_copy_the_other_rows(tiny_model_dir):
     figures = {}
     with torch.inference_mode():
         for history in (100, 800):
-            for i in range(15):
-                worker._admit(job(f"{history}-{i}", history))
+            worker._admit([job(f"{history}-{i}", history) for i in range(15)])
             worker._regroup()
             worker._step()
             assert len(worker._rows) == 15 and min(r.kv_len for r in worker._rows) > history
             joiner = job(f"{history}-join", 20)
-            join = moved_bytes(lambda: (worker._admit(joiner), worker._regroup()))
+            join = moved_bytes(lambda: (worker._admit([joiner]), worker._regroup()))
             assert len(worker._rows) == 16
             worker._rows[3].job.cancel.set()  # a row leaves at the next regroup
             leave = moved_bytes(worker._regroup)

@@ -105,12 +105,12 @@ async def test_a_fault_in_one_rows_retry_fails_that_request_only(batcher, hf):
         return ([], blocked) if TEXTS[1] in earlier else (kept, blocked)
 
     worker.screen = screen
-    fired = fail_once(worker, "_prefill", lambda group: group.retried)
+    fired = fail_once(worker, "_prefill", lambda groups: groups[0].retried)
     bad = asyncio.create_task(gen.reply(request(TEXTS[1], GREEDY, "bad")))
     good = [asyncio.create_task(gen.reply(request(t, GREEDY, str(i))))
             for i, t in enumerate(TEXTS[2:])]
     await others_finish_and_the_next_is_prompt(gen, hf, bad, TEXTS[2:], good)
-    assert fired and fired[0][0].job.request.channel_key == "console:bad"
+    assert fired and fired[0][0][0].job.request.channel_key == "console:bad"
 
 
 async def test_a_decode_step_that_fails_for_one_row_fails_only_that_row(batcher, hf):
