@@ -120,7 +120,7 @@ class BatchWorker(GenerationWorker):
     def __init__(self, backend: Backend, fallback_reply: str, *, max_batch_size: int = 16,
                  max_wait: float = 0.002, cache_bytes: int | None = 512 * 2**20,
                  window_step: int = 256, kv_dtype: str = "float16",
-                 prefill_tokens: int = 2048, rules: ReplyRules | None = None,
+                 prefill_tokens: int = 512, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None):
         super().__init__(backend, fallback_reply, rules, rankers)
         self.max_batch_size = max(1, max_batch_size)
