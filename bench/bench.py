@@ -1,33 +1,41 @@
-"""Throughput and latency of the bot's generators against the model card's loop, in one run.
+"""Throughput, latency and memory of the bot's generators against the model card's loop.
 
-    make bench ARGS="--quick"            # ~2 minutes on 2 cores
-    .venv/bin/python bench/bench.py --size small --runs 3 --json bench.json
+    make bench                                   # medium, then small, then bench_quality
+    .venv/bin/python bench/bench.py --size medium --runs 3 --json bench/results/medium.json
+    .venv/bin/python bench/bench.py --size medium --runs 1 --only torch-fp32-batching
 
-Model: a DialoGPT-shaped random-weight model (`tests.modelkit`, small or medium: the same
-compute as the real one) with the real GPT-2 tokenizer, built once into the cache directory.
-Its end-of-text logit is pushed down (`never_eos=True`, no change in compute), so EVERY reply
-runs to exactly 40 new tokens on every path; each measured reply is checked (40 token ids, no
-fallback) and the count of bad replies is printed with the results.
+Model: a DialoGPT-shaped random-weight model (`tests.modelkit`, medium by default — the bot's
+default model — or small: the same compute as the real one) with the real GPT-2 tokenizer,
+built once into the cache directory. Its end-of-text logit is pushed down (`never_eos=True`,
+no change in compute), so EVERY reply runs to exactly 40 new tokens on every path; each
+measured reply is checked (40 token ids, no fallback) and the count of bad replies is printed.
 
-Workload: requests whose prompts hold 60-200 tokens (1-3 turns of made-up text), the bot's
-default decoding settings (sampling, top-k 50, top-p 0.9, temperature 0.8, no-repeat 3-grams),
-40 new tokens. Every generator is built by `bot.app.make_generator` from a `Config` and driven
-through its async `reply()` with `GenerationRequest`s of `Turn`s, exactly as the pipeline does.
+Cold workload: requests whose prompts hold 60-200 tokens (1-3 turns of made-up text), the
+bot's default decoding settings (sampling, top-k 50, top-p 0.9, temperature 0.8, no-repeat
+3-grams), 40 new tokens. Every generator is built by `bot.app.make_generator` from a `Config`
+and driven through its async `reply()` with `GenerationRequest`s of `Turn`s, as the pipeline
+does.
 
-Measured, each option in its own subprocess (clean peak RSS), medians over --runs:
-- baseline: the model card's loop, `model.generate` on one request after another;
-- per generator option (torch fp32 one-by-one, batching generator with and without the
-  oneDNN-packed weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when
-  installed): 1, 4 and 16 channels each sending one request at once: aggregate new tokens/s,
-  p50/p95 reply latency, ratio to the baseline's tokens/s;
-- batching generators: a 16th request arriving while 15 channels decode: the time until its
-  prefill starts against one 15-row decode step;
-- event-loop lag (a 10 ms ticker: how late each tick wakes) p50/p99/max during the 16-channel
-  run (the largest run with --quick for one-by-one generators);
-- one conversation of ~20-token user turns (the window slides after ~16 turns): reply latency
-  on turn 1 and the median over turns 26-35 (26-30 with --quick, whose turns 1-24 are
-  prefilled with made-up replies instead of generated ones), with and without KV cache reuse;
-- peak RSS of the process.
+Measured, each option in its own subprocess (clean peak RSS), in rounds (`--runs`; each
+option's ratio is taken against its own round's baseline, then the median over rounds):
+- baseline: the model card's loop, `model.generate` on one request after another (cold
+  prompts, and the warm workload's first turns);
+- per generator option (torch fp32 one-by-one, batching with and without the oneDNN-packed
+  weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when installed): 1, 4 and
+  16 channels each sending one request at once: aggregate new tokens/s, p50/p95 latency,
+  ratio to the baseline's tokens/s; event-loop lag (a 10 ms ticker) during the largest run;
+- batching generators: a 16th request arriving while 15 channels decode (time until its
+  prefill starts against one 15-row decode step), and the ceiling: their 16-row decode steps
+  against the bare batched forward of the model alone on the same cache lengths
+  (`bench/workloads.py`);
+- warm workload (`bench/workloads.py`; skip with --no-warm): 16 and 64 channels each in the
+  middle of a conversation (400-900 tokens of history), several turns each, with the default
+  (auto) KV budget and 512 MiB: tokens/s, p50/p95, cache hit rate, against the model card's
+  loop on the same turns;
+- one conversation of ~20-token user turns (the window slides every few turns): turn 1 and
+  the median over turns 26-35 (26-30 with --quick), with and without KV cache reuse, and
+  where a turn's time goes (prefill tokens and seconds, decode step time);
+- memory: RSS after loading, peak during loading, peak over the whole run.
 """
 
 from __future__ import annotations
@@ -158,6 +166,21 @@ def run_baseline(args) -> dict:
         runs.append(dict(replies=count, tokens_per_s=count * NEW_TOKENS / wall,
                          p50_s=pct(latencies, 50), p95_s=pct(latencies, 95),
                          prompt_min=min(map(len, prompts)), prompt_max=max(map(len, prompts))))
+        if args.warm:  # the warm workload's first turns, as the model card's loop runs them
+            from workloads import model_card_sample
+
+            sample = model_card_sample(tokenizer, 9000 + run, 2 if args.quick else 4)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for ids in sample:
+                    inputs = torch.tensor([ids])
+                    out = model.generate(inputs, attention_mask=torch.ones_like(inputs),
+                                         generation_config=config)
+                    bad += out.shape[1] - len(ids) != NEW_TOKENS
+            runs[-1].update(warm_tokens_per_s=len(sample) * NEW_TOKENS /
+                            (time.perf_counter() - start),
+                            warm_prompt_min=min(map(len, sample)),
+                            warm_prompt_max=max(map(len, sample)))
     return dict(median_of(runs), bad_replies=bad)
 
 
@@ -308,8 +331,10 @@ async def join_run(generator, tokenizer, seed: int, checker: Checker) -> dict:
 async def conversation(generator, tokenizer, args, seed: int, checker: Checker) -> dict:
     """Turn 1's latency and the median over turns 26-35 (26-30 with --quick, where turns
     1-24 hold made-up replies of 40 tokens instead of generated ones; turn 25 is generated
-    unmeasured, so turn 26 finds what a long conversation leaves behind)."""
+    unmeasured, so turn 26 finds what a long conversation leaves behind), with where each
+    turn's time went (batching generators: prefill tokens and seconds, decode seconds)."""
     from bot.events import GenerationRequest, Role, Turn
+    from workloads import TurnProfile
 
     settings, rng = decoding(), random.Random(seed)
     key = f"bench:conv-{seed}"
@@ -320,16 +345,17 @@ async def conversation(generator, tokenizer, args, seed: int, checker: Checker) 
 
     async def timed(channel_key: str, turns: list[Turn]):
         t0 = time.perf_counter()
-        generated = await generator.reply(GenerationRequest(channel_key, tuple(turns),
-                                                            settings))
+        with TurnProfile(generator) as profile:
+            generated = await generator.reply(GenerationRequest(channel_key, tuple(turns),
+                                                                settings))
         checker.check(generated)
-        return time.perf_counter() - t0, generated
+        return (time.perf_counter() - t0, profile.figures), generated
 
     history: list[Turn] = []
-    latencies: dict[int, float] = {}
+    turns: dict[int, tuple[float, dict]] = {}
     first = 1
     if args.quick:
-        latencies[1], _ = await timed(key + "-first", [user()])
+        turns[1], _ = await timed(key + "-first", [user()])
         for _ in range(24):
             ids = tuple(rng.randrange(300, 40000) for _ in range(NEW_TOKENS))
             history += [user(), Turn("bench", key, Role.BOT, tokenizer.decode(ids),
@@ -337,16 +363,33 @@ async def conversation(generator, tokenizer, args, seed: int, checker: Checker) 
         first = 25
     for number in range(first, last + 1):
         history.append(user())
-        latencies[number], generated = await timed(key, history[-64:])  # history_turns
+        turns[number], generated = await timed(key, history[-64:])  # history_turns
         history.append(Turn("bench", key, Role.BOT, generated.text,
                             token_ids=generated.token_ids))
-    late = statistics.median(latencies[n] for n in range(26, last + 1))
-    return dict(turn1_s=latencies[1], late_median_s=late, late_over_turn1=late / latencies[1],
-                late_turns=f"26-{last}", last_prompt_tokens=generated.prompt_tokens)
+    late_numbers = range(26, last + 1)
+    late = statistics.median(turns[n][0] for n in late_numbers)
+    out = dict(turn1_s=turns[1][0], late_median_s=late, late_over_turn1=late / turns[1][0],
+               late_turns=f"26-{last}", last_prompt_tokens=generated.prompt_tokens)
+    if turns[1][1]:
+        for name in ("prefill_tokens", "prefill_s", "decode_s"):
+            out[f"turn1_{name}"] = turns[1][1][name]
+            out[f"late_{name}"] = statistics.median(turns[n][1][name] for n in late_numbers)
+        out["turn1_step_ms"] = 1000 * turns[1][1]["decode_s"] / max(1, turns[1][1]["decode_steps"])
+        out["late_step_ms"] = 1000 * statistics.median(
+            turns[n][1]["decode_s"] / max(1, turns[n][1]["decode_steps"]) for n in late_numbers)
+        out["late_misses"] = sum(1 for n in late_numbers if not turns[n][1]["hit"])
+    return out
 
 
 def run_ids(args) -> range:
     return range(args.first_run, args.first_run + args.runs)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 async def run_option(args) -> dict:
@@ -355,6 +398,8 @@ async def run_option(args) -> dict:
     overrides = dict(OPTIONS.get(args.worker.removesuffix("-nocache"), {}))
     if args.worker.endswith("-nocache"):
         overrides["kv_cache_mb"] = 0
+    if args.mode == "warm" and args.warm_budget != "auto":
+        overrides["kv_cache_mb"] = float(args.warm_budget)
     config = make_config(args, **overrides)
     generator = make_generator(config)
     t0 = time.perf_counter()
@@ -362,10 +407,22 @@ async def run_option(args) -> dict:
     load_s = time.perf_counter() - t0
     tokenizer = generator.backend.tokenizer
     checker = Checker()
-    result: dict = dict(generator=type(generator).__name__, load_s=load_s)
+    result: dict = dict(generator=type(generator).__name__, load_s=load_s,
+                        load_rss_mb=rss_mb(), load_peak_rss_mb=peak_rss_mb())
     try:
         for index, turns in enumerate(make_prompts(tokenizer, 2, -1)):  # warm-up, unmeasured
             await generator.reply(request_for(f"warm-up-{index}", turns, decoding()))
+        if args.mode == "warm":
+            from workloads import bare_ceiling, warm_run
+
+            runs = [await warm_run(generator, tokenizer, decoding(), checker,
+                                   channels=args.warm_channels, rounds=args.warm_rounds,
+                                   seed=9000 + run) for run in run_ids(args)]
+            result["warm"] = median_of(runs)
+            result["peak_rss_mb"] = peak_rss_mb()  # before the ceiling's own padded cache
+            if args.warm_channels >= 16:
+                lengths = [n + NEW_TOKENS // 2 for n in runs[-1]["last_prompts"]]
+                result["warm"]["bare"] = bare_ceiling(generator.backend.model, lengths)
         if args.mode in ("all", "throughput"):
             levels = CONCURRENCY
             if args.quick and type(generator).__name__ != "BatchingGenerator":
@@ -374,6 +431,12 @@ async def run_option(args) -> dict:
                 runs = [await concurrency_run(generator, tokenizer, level, run, checker,
                                               args.worker) for run in run_ids(args)]
                 result[f"c{level}"] = median_of(runs)
+            stats = getattr(getattr(generator, "worker", None), "stats", None)
+            if stats is not None:  # batching: its 16-row steps, for the ceiling (run last)
+                steps = [s for _, rows, s in list(stats.steps) if rows == 16][-39:]
+                result["ceiling"] = dict(
+                    bot_step_ms=1000 * statistics.median(steps) if steps else None,
+                    bot_tokens_per_s=16 / statistics.median(steps) if steps else None)
             if hasattr(getattr(generator, "worker", None), "stats"):  # batching
                 runs = [await join_run(generator, tokenizer, run, checker)
                         for run in run_ids(args)]
@@ -387,6 +450,13 @@ async def run_option(args) -> dict:
         if stats is not None and hasattr(stats, "reused_tokens"):
             result["reused_tokens"] = stats.reused_tokens
             result["prefill_tokens"] = stats.prefill_tokens
+        if result.get("ceiling", {}).get("bot_step_ms"):
+            from workloads import bare_ceiling
+
+            result["peak_rss_mb"] = peak_rss_mb()  # before the ceiling's own padded cache
+            lengths = [len(model_card_ids(tokenizer, turns)) + NEW_TOKENS // 2
+                       for turns in make_prompts(tokenizer, 16, 16000 + args.first_run)]
+            result["ceiling"].update(bare_ceiling(generator.backend.model, lengths))
     finally:
         await generator.stop()
     result.update(replies_checked=checker.replies, bad_replies=checker.bad)
@@ -439,14 +509,21 @@ def model_dir(size: str, cache: Path) -> Path:
     return folder
 
 
-def subprocess_run(args, worker: str, mode: str = "all", run: int = 0) -> dict:
-    """Run `run` (its prompts are seeded by its number) of one option in a fresh process."""
+def subprocess_run(args, worker: str, mode: str = "all", run: int = 0,
+                   warm: tuple[int, str] | None = None) -> dict:
+    """Run `run` (its prompts are seeded by its number) of one option in a fresh process;
+    `warm` = (channels, budget) for the warm workload."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
                "--mode", mode, "--model-dir", str(args.model_dir), "--runs", "1",
                "--first-run", str(run), "--out", str(out)]
     command += ["--quick"] if args.quick else []
+    command += ["--no-warm"] if not args.warm else []
+    if warm is not None:
+        rounds = 2 if args.quick or warm[0] > 16 or warm[1] != "auto" else 3
+        command += ["--warm-channels", str(warm[0]), "--warm-budget", warm[1],
+                    "--warm-rounds", str(rounds)]
     command += ["--threads", str(args.threads)] if args.threads else []
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -456,8 +533,14 @@ def subprocess_run(args, worker: str, mode: str = "all", run: int = 0) -> dict:
         return dict(error=tail)
     result = json.loads(out.read_text())
     out.unlink()
-    print(f"  run {run + 1}: {worker} ({mode}): {time.perf_counter() - t0:.0f} s", flush=True)
+    what = mode if warm is None else f"{warm[0]} channels, budget {warm[1]}"
+    print(f"  run {run + 1}: {worker} ({what}): {time.perf_counter() - t0:.0f} s", flush=True)
     return result
+
+
+def warm_label(name: str, warm: tuple[int, str]) -> str:
+    budget = "auto" if warm[1] == "auto" else f"{warm[1]} MiB"
+    return f"{name} | {warm[0]} | {budget}"
 
 
 def machine() -> dict:
@@ -534,8 +617,11 @@ def table(report: dict) -> str:
                          f"{conv['late_over_turn1']:.2f} | {conv['last_prompt_tokens']:.0f} |")
         else:
             lines.append(f"| {name} | failed | | | |")
+    lines += warm_table(report) + ceiling_table(report) + memory_table(report)
+    lines += turn_table(report)
     results = {id(r): r for r in [*report["options"].values(),
-                                  *report["conversations"].values()]}.values()
+                                  *report["conversations"].values(),
+                                  *report.get("warm", {}).values()]}.values()
     bad = report["baseline"].get("bad_replies", 0) + sum(r.get("bad_replies", 0)
                                                          for r in results)
     checked = sum(r.get("replies_checked", 0) for r in results)
@@ -543,16 +629,112 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def warm_table(report: dict) -> list[str]:
+    warm = report.get("warm") or {}
+    if not warm:
+        return []
+    base = report["baseline"]
+    lines = ["", "Warm: channels in the middle of a conversation (400-900 tokens of history, "
+             "a ~20-token message, 40 new tokens), every channel sending at once each round; "
+             f"model-card loop on the same turns: {fmt(base.get('warm_tokens_per_s'), '.1f')} "
+             f"tokens/s (prompts {base.get('warm_prompt_min')}-{base.get('warm_prompt_max')})",
+             "", "| option | channels | KV budget | tokens/s | x model-card loop | p50 s | p95 s "
+             "| cache hit rate | 16-row step ms | peak RSS MB |", "|" + "---|" * 10]
+    for label, result in warm.items():
+        row = result.get("warm")
+        if not row:
+            lines.append(f"| {label} | failed | | | | | | |")
+            continue
+        ratio = statistics.median(result["ratios"]) if result.get("ratios") else None
+        budget = label.rsplit("| ", 1)[1]
+        if budget == "auto":
+            budget = f"auto ({row['cache_mb']:.0f} MiB)"
+        name, channels = label.split(" | ")[:2]
+        lines.append(f"| {name} | {channels} | {budget} | {row['tokens_per_s']:.1f} | "
+                     f"{fmt(ratio)} | {row['p50_s']:.2f} | {row['p95_s']:.2f} | "
+                     f"{row['hit_rate']:.2f} | {fmt(row.get('step16_ms'), '.0f')} | "
+                     f"{fmt(result.get('peak_rss_mb'), '.0f')} |")
+    return lines
+
+
+def ceiling_table(report: dict) -> list[str]:
+    rows = []
+    for name, result in report["options"].items():
+        ceiling = result.get("ceiling")
+        if ceiling and ceiling.get("bot_tokens_per_s"):
+            rows.append((name, "cold, 16 channels", ceiling["history"], ceiling["bot_step_ms"],
+                         ceiling["step_ms"], ceiling["bot_tokens_per_s"],
+                         ceiling["tokens_per_s"]))
+    for label, result in (report.get("warm") or {}).items():
+        warm = result.get("warm") or {}
+        bare = warm.get("bare")
+        if bare and warm.get("decode16_tokens_per_s"):
+            name, channels = label.split(" | ")[:2]
+            rows.append((name, f"warm, {channels} channels, {label.rsplit('| ', 1)[1]}",
+                         bare["history"], warm["step16_ms"], bare["step_ms"],
+                         warm["decode16_tokens_per_s"], bare["tokens_per_s"]))
+    if not rows:
+        return []
+    lines = ["", "Ceiling: the bot's 16-row decode steps against the bare batched forward (the "
+             "model alone on 16 left-padded rows of the same cache lengths, preallocated fp32 "
+             "cache, transformers' sdpa attention, no sampling, no scheduling)", "",
+             "| option | workload | cache lengths | bot step ms | bare step ms | bot decode "
+             "tokens/s | bare tokens/s | bot / bare |", "|" + "---|" * 8]
+    for name, what, history, bot_ms, bare_ms, bot_tps, bare_tps in rows:
+        lines.append(f"| {name} | {what} | {history} | {bot_ms:.0f} | {bare_ms:.0f} | "
+                     f"{bot_tps:.1f} | {bare_tps:.1f} | {bot_tps / bare_tps:.2f} |")
+    return lines
+
+
+def memory_table(report: dict) -> list[str]:
+    base = report["baseline"].get("peak_rss_mb")
+    lines = ["", "Memory (each option in its own process): resident after loading the model, "
+             "and the peak over the whole run (caches included)", "",
+             "| option | RSS after load MB | peak during load MB | peak RSS MB | peak / model-card "
+             "loop's peak |", "|---|---|---|---|---|",
+             f"| model-card loop | - | - | {fmt(base, '.0f')} | 1.00 |"]
+    for name, result in [*report["options"].items(), *(report.get("warm") or {}).items()]:
+        if "error" in result or not result.get("peak_rss_mb"):
+            continue
+        ratio = result["peak_rss_mb"] / base if base else None
+        lines.append(f"| {name.replace(' | ', ', ')} | {fmt(result.get('load_rss_mb'), '.0f')} | "
+                     f"{fmt(result.get('load_peak_rss_mb'), '.0f')} | "
+                     f"{result['peak_rss_mb']:.0f} | {fmt(ratio)} |")
+    return lines
+
+
+def turn_table(report: dict) -> list[str]:
+    rows = [(name, r["conversation"]) for name, r in report["conversations"].items()
+            if r.get("conversation", {}).get("turn1_decode_s") is not None]
+    if not rows:
+        return []
+    lines = ["", "Where a conversation turn's time goes (batching generators; late = median "
+             "over the late turns)", "", "| conversation | turn | prefill tokens | prefill s | "
+             "decode s | ms per decode step | late turns that missed the cache |",
+             "|---|---|---|---|---|---|---|"]
+    for name, conv in rows:
+        lines.append(f"| {name} | 1 | {conv['turn1_prefill_tokens']:.0f} | "
+                     f"{conv['turn1_prefill_s']:.2f} | {conv['turn1_decode_s']:.2f} | "
+                     f"{conv['turn1_step_ms']:.0f} | |")
+        lines.append(f"| {name} | {conv['late_turns']} | {conv['late_prefill_tokens']:.0f} | "
+                     f"{conv['late_prefill_s']:.2f} | {conv['late_decode_s']:.2f} | "
+                     f"{conv['late_step_ms']:.0f} | {conv['late_misses']:.0f} |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("small", "medium", "tiny"), default="small",
-                        help="model shape (tiny: only to check that the script runs)")
+    parser.add_argument("--size", choices=("small", "medium", "tiny"), default="medium",
+                        help="model shape (medium: the bot's default model; tiny: only to "
+                             "check that the script runs)")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--quick", action="store_true",
                         help="fewer requests; one-by-one generators skip 16 channels")
     parser.add_argument("--threads", type=int, help="torch / CTranslate2 intra-op threads")
     parser.add_argument("--only", help="comma-separated option names to run")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="skip the warm (mid-conversation) workloads")
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "dialogbot-bench")
     # internal: one measurement in a subprocess
@@ -561,6 +743,9 @@ def main() -> int:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first-run", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-channels", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-budget", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-rounds", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick and "--runs" not in sys.argv:
         args.runs = 1
@@ -570,7 +755,7 @@ def main() -> int:
             result = run_baseline(args)
         else:
             result = asyncio.run(run_option(args))
-        result["peak_rss_mb"] = peak_rss_mb()
+        result.setdefault("peak_rss_mb", peak_rss_mb())
         args.out.write_text(json.dumps(result))
         return 0
 
@@ -596,8 +781,16 @@ def main() -> int:
     conversations = [n for n in ("torch-fp32", "torch-fp32-batching") if n in names]
     if "torch-fp32-batching" in conversations:
         conversations.append("torch-fp32-batching-nocache")
-        if args.quick:
+        if args.quick and "torch-fp32" in conversations:
             conversations.remove("torch-fp32")  # --quick: cache on/off is what matters
+    warm_runs = []
+    if args.warm:
+        for name in ("torch-fp32-batching", "torch-int8-batching"):
+            if name in names:
+                warm_runs.append((name, (16, "auto")))
+        if "torch-fp32-batching" in names:
+            warm_runs += [("torch-fp32-batching", (64, "auto")),
+                          ("torch-fp32-batching", (16, "512"))]
     # Runs are rounds: the baseline, then every option, once per round. The machine's speed
     # drifts (shared hosts), so each option is compared with its own round's baseline and
     # the ratios' median is reported, next to the medians of the figures themselves.
@@ -610,6 +803,9 @@ def main() -> int:
         for name in conversations:
             if name not in names:
                 one["options"][name] = subprocess_run(args, name, "conversation", run)
+        for name, warm in warm_runs:
+            one["options"][warm_label(name, warm)] = subprocess_run(args, name, "warm", run,
+                                                                    warm)
         rounds.append(one)
     report["baseline"] = merge_runs([r["baseline"] for r in rounds])
     for name in [*names, *(n for n in conversations if n not in names)]:
@@ -619,11 +815,20 @@ def main() -> int:
             report["options"][name] = merged
         if name in conversations:
             report["conversations"][labels[name]] = merged
+    report["warm"] = {}
+    for name, warm in warm_runs:
+        label = warm_label(name, warm)
+        report["warm"][label] = merge_runs([r["options"][label] for r in rounds])
+        report["warm"][label]["ratios"] = [
+            r["options"][label]["warm"]["tokens_per_s"] / r["baseline"]["warm_tokens_per_s"]
+            for r in rounds if "warm" in r["options"][label]
+            and r["baseline"].get("warm_tokens_per_s")]
     report["seconds"] = time.perf_counter() - started
     print()
     print(table(report))
     print(f"\nbench took {report['seconds']:.0f} s")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"JSON written to {args.json}")
     else:

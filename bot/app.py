@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bot.config import Config
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.limits import MemoryChannelLock, MemoryLimiter
 from bot.metrics import Metrics, OpsServer, PrometheusMetrics, TimedStore, adapters_connected
 from bot.pipeline import Pipeline
@@ -78,11 +78,12 @@ def make_model_generator(config: Config, rankers: "Ensemble | SharedRankers | No
             backend, queue_size=config.queue_size, timeout=config.generation_timeout,
             fallback_reply=config.fallback_reply, max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_batch_wait_ms, kv_cache_mb=config.kv_cache_mb,
-            window_step=config.window_step, rules=reply_rules(config), rankers=rankers)
-    return LocalGenerator(backend, queue_size=config.queue_size,
-                          timeout=config.generation_timeout,
-                          fallback_reply=config.fallback_reply,
-                          rules=reply_rules(config), rankers=rankers)
+            kv_dtype=config.kv_dtype, window_step=config.window_step,
+            rules=reply_rules(config), rankers=rankers)
+    return QueuedGenerator(backend, queue_size=config.queue_size,
+                           timeout=config.generation_timeout,
+                           fallback_reply=config.fallback_reply,
+                           rules=reply_rules(config), rankers=rankers)
 
 
 def reply_rules(config: Config) -> ReplyRules:
@@ -208,6 +209,9 @@ def build_app(config: Config, adapters: Sequence[Adapter] | None = None, *,
     metrics: Metrics = Metrics()
     if config.metrics_port is not None:
         metrics = PrometheusMetrics(lambda: generator.queue_depth)
+        cache_stats = getattr(generator, "cache_stats", None)
+        if cache_stats is not None:
+            metrics.watch_kv_cache(cache_stats)
         store = TimedStore(store, metrics)
         if isinstance(generator, CharacterRouter):  # loads and unloads are counted
             generator.metrics = metrics
@@ -230,7 +234,7 @@ def readiness_checks(app: App) -> dict:
         return True
 
     async def generator() -> bool:
-        if app.generator not in app._started:
+        if app.generator not in app._started or not app.generator.ready:
             return False
         ping = getattr(getattr(app.generator, "backend", None), "ping", None)
         return await asyncio.to_thread(ping) if ping is not None else True

@@ -84,8 +84,13 @@ class Config(BaseSettings):
                                 description="Most requests decoded together in one step.")
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description=(
         "When idle, how long the first request waits for others to start with it."))
-    kv_cache_mb: float = Field(512, ge=0, description=(
-        "Bytes (MiB) of per-channel KV caches kept between turns, LRU-evicted. 0 = off."))
+    kv_cache_mb: float | None = Field(None, ge=0, description=(
+        "MiB of per-conversation keys/values kept between turns, LRU-evicted. Unset = a "
+        "quarter of the machine's memory or half of what is free after loading, the smaller. "
+        "0 = off."))
+    kv_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description=(
+        "How the batching generator stores keys/values: float16 halves their memory and the "
+        "bytes a decode step reads; float32 gives replies bit-identical to generate()."))
     window_step: int = Field(256, ge=0, le=1024, description=(
         "When the prompt window must slide, drop at least this many tokens of old turns at "
         "once so the prompt's beginning (and its cache) stays stable. 0 = slide per turn."))
@@ -265,12 +270,13 @@ class Config(BaseSettings):
     def _log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("generator_backend", "quantize", "log_format", "context", mode="before")
+    @field_validator("generator_backend", "quantize", "log_format", "context", "kv_dtype",
+                     mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("telegram_token", "discord_token", mode="before")
+    @field_validator("telegram_token", "discord_token", "kv_cache_mb", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from pathlib import Path
 
 from bot.errors import ConfigError
 from bot.events import DecodingSettings
@@ -16,24 +18,91 @@ from bot.events import DecodingSettings
 log = logging.getLogger(__name__)
 
 
+HUB_PROBE_TIMEOUT = 3.0
+_probes: dict[str, tuple[float, str | None]] = {}
+
+
 def model_error(model_id: str, exc: BaseException) -> ConfigError:
-    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    reason = " ".join(str(exc).split())[:160] or type(exc).__name__
     offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-    where = ("HF_HUB_OFFLINE=1 is set, so only the local cache is used"
-             if offline else "downloading from the Hugging Face hub failed or the id is wrong")
+    where = "HF_HUB_OFFLINE=1: local cache only" if offline else "local directory or hub id"
     return ConfigError(
-        f"DIALOGBOT_MODEL={model_id!r} could not be loaded ({where}: {reason}). Set "
-        "DIALOGBOT_MODEL to a local directory holding config.json, the weights and the "
-        "tokenizer files (vocab.json + merges.txt or tokenizer.json), or to a hub id such as "
-        "microsoft/DialoGPT-medium with network access.")
+        f"DIALOGBOT_MODEL={model_id!r} could not be loaded ({where}: {reason}). Set it to a "
+        "local directory holding config.json, the weights and vocab.json + merges.txt (or "
+        "tokenizer.json), or to a hub id such as microsoft/DialoGPT-medium with network access.")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None when the Hugging Face hub answers one request within `timeout` seconds (through
+    huggingface_hub's own HTTP client, so proxies apply); else why not, in a few words.
+
+    `from_pretrained` retries a hub that cannot be reached for about a minute per file
+    (huggingface_hub's backoff when nothing is cached); this one request decides first."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = constants.ENDPOINT
+    now = time.monotonic()
+    cached = _probes.get(endpoint)
+    if cached is not None and now - cached[0] < 60:
+        return cached[1]
+    try:
+        get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+        reason = None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        reason = f"{endpoint} cannot be reached: {text[:80]}"
+    _probes[endpoint] = (now, reason)
+    return reason
+
+
+def is_repo_id(source: str) -> bool:
+    """True for what could be a hub id ("name" or "org/name"), not a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def pretrained_options(source: str, setting: str) -> dict:
+    """Keywords for `from_pretrained(source)`: {} normally; local_files_only when the hub
+    cannot be reached but the files are cached. Raises ConfigError (one line, naming
+    `setting`) at once when it can be neither downloaded nor found."""
+    if Path(source).exists():
+        return {}
+    if not is_repo_id(source):
+        raise ConfigError(f"{setting}={source!r}: no such local directory, and not a hub id.")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return {}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        cached = False
+    if cached:
+        log.warning("%s=%s: the hub is not reachable, using the cached copy (%s)", setting,
+                    source, reason)
+        return {"local_files_only": True}
+    raise ConfigError(f"{setting}={source!r} is not a local directory and cannot be "
+                      f"downloaded ({reason}; not in the local cache either).")
 
 
 def load_tokenizer(model_id: str):
     """DialoGPT's (GPT-2's) tokenizer from a hub id or directory, checked to be usable."""
     from transformers import AutoTokenizer
 
+    options = pretrained_options(model_id, "DIALOGBOT_MODEL")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise model_error(model_id, exc) from None
     if len(tokenizer) == 0 or tokenizer.eos_token_id is None:
@@ -65,7 +134,8 @@ class TransformersBackend:
             torch.set_num_threads(self.threads)
         self.tokenizer = load_tokenizer(self.model_id)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_id)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_id, **pretrained_options(self.model_id, "DIALOGBOT_MODEL"))
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise model_error(self.model_id, exc) from None
         self.eos_token_id = self.tokenizer.eos_token_id

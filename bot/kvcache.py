@@ -1,15 +1,27 @@
-"""KV caches for the batching generator: each channel's prefix kept between turns, and the
-growable left-padded cache one decode batch shares.
+"""Keys and values for the batching generator: one buffer per sequence, kept between turns.
 
-`PrefixCache` keeps, per channel, the token ids the model last saw and their keys/values
-(one `[1, heads, len, head_dim]` pair per layer), LRU-evicted to stay within a byte bound. It
-also keeps each channel's window anchor (the first tokens of its last prompt, see
-`bot.prompt.build_window`). It is thread-safe: the worker reads and writes it, the event loop
-calls `forget` on /reset, /forget and settings changes.
+Layout. Every sequence the worker decodes (a row) owns one buffer `[layers, 2, heads,
+capacity, head_dim]` (`RowKV`; capacity = the model's positions) in the storage dtype
+(DIALOGBOT_KV_DTYPE: float16 by default, float32 for bit-exact parity with `generate`). The
+buffer is allocated with `torch.empty`, so on a CPU the operating system backs only the pages
+that were written: a row of 150 tokens costs 150 tokens of memory, not 1,024.
 
-`BatchCache` is a transformers `DynamicCache` whose layers write new tokens into
-preallocated buffers (no copy of the whole cache per decode step); rows are left-padded and
-the batch is rebuilt only when a row joins or leaves.
+- A row joins: its prefill writes its own new tokens into its own buffer, the buffer the
+  conversation's previous turn left in the prefix cache when there is one. Nothing else is
+  copied (candidates of one request copy the prompt once each).
+- A decode step writes one position per row. A row leaves: its buffer goes to the prefix
+  cache as it is (the first candidate of a request) or is freed. Nothing is written.
+- Attention (`RowsCache.attend`, plugged into transformers' attention interface as
+  "dialogbot_rows") runs each row over its own length: no padding, no mask, no batch-wide
+  buffer to rebuild. Keys and values stored in half precision are widened to the model's
+  dtype one row at a time in a scratch buffer that stays in the CPU's cache, so a decode step
+  reads half the bytes from memory.
+
+`PrefixCache` keeps, per conversation key, the token ids the model saw and the row buffer
+holding their keys/values, least recently used evicted first to stay within a byte bound,
+and counts hits and misses. It also keeps each conversation's window anchor (the first
+tokens of its last prompt, see `bot.prompt.build_window`). It is thread-safe: the worker takes
+and puts, the event loop calls `forget` on /reset, /forget and settings changes.
 """
 
 from __future__ import annotations
@@ -21,22 +33,151 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache, DynamicCache, DynamicLayer
+from transformers import AttentionInterface, Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), [B, H, T, D]
 ANCHOR_TOKENS = 32
 MAX_ANCHORS = 10_000
-
-
-def kv_nbytes(kv: KV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ATTENTION = "dialogbot_rows"
 
 
 @dataclass(frozen=True, slots=True)
-class CachedPrefix:
-    ids: tuple[int, ...]
-    kv: KV  # [1, H, len(ids), D] per layer, contiguous, owned by the cache
-    nbytes: int
+class KVLayout:
+    """The shape of one row's keys/values for a model, and the dtype they are stored in."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    capacity: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model, dtype: torch.dtype = torch.float16) -> "KVLayout":
+        config = model.config
+        heads = config.n_head
+        return cls(config.n_layer, heads, config.n_embd // heads, config.n_positions, dtype,
+                   next(model.parameters()).device)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of keys and values per token of history."""
+        return self.layers * 2 * self.heads * self.head_dim * self.dtype.itemsize
+
+    def resident_bytes(self, tokens: int) -> int:
+        """Memory a row of `tokens` occupies: on a CPU only written pages are resident."""
+        if self.device.type == "cpu":
+            return tokens * self.token_bytes
+        return self.capacity * self.token_bytes
+
+    def new_row(self) -> "RowKV":
+        return RowKV(torch.empty((self.layers, 2, self.heads, self.capacity, self.head_dim),
+                                 dtype=self.dtype, device=self.device))
+
+    def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The buffer `RowsCache.attend` widens one row's keys/values into (None when the
+        storage dtype is the model's)."""
+        if dtype == self.dtype:
+            return None
+        return torch.empty((2, self.heads, self.capacity, self.head_dim), dtype=dtype,
+                           device=self.device)
+
+
+class RowKV:
+    """One sequence's keys/values; the first `length` positions are filled."""
+
+    __slots__ = ("buf", "length")
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.length = 0
+
+    def copy(self, n: int) -> "RowKV":
+        """A new row holding this row's first `n` positions (a candidate's own copy)."""
+        other = RowKV(torch.empty_like(self.buf))
+        other.buf[:, :, :, :n] = self.buf[:, :, :, :n]
+        other.length = n
+        return other
+
+
+class RowsCache(Cache):
+    """What one forward pass sees: each row's buffer and the position its new tokens start at.
+
+    Two shapes of input: one token per row (a decode step: input [rows, 1]), or the new
+    tokens of several rows packed one after another in a single sequence (prefills: input
+    [1, sum(lengths)], each row's `lengths[i]` tokens in turn). Passed to the model as `cache`
+    (transformers hands each layer's new keys/values to `update`) and as `dialogbot_rows` (the
+    attention function calls `attend`); the model's config must use the "dialogbot_rows"
+    attention (`use_rows_attention`)."""
+
+    def __init__(self, rows: Sequence[RowKV], starts: Sequence[int],
+                 scratch: torch.Tensor | None = None, lengths: Sequence[int] | None = None):
+        super().__init__(layers=[])
+        self.rows = rows
+        self.starts = starts
+        self.scratch = scratch
+        self.lengths = lengths  # None: one token per row (decode)
+        self._new: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the layer's new keys/values; `attend` (called next, for the same layer)
+        writes each row's into its buffer as it attends."""
+        self._new = torch.stack((key_states, value_states))  # [2, batch, heads, q, dim]
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.starts, default=0)
+
+    def _segments(self, q_len: int):
+        """(batch index, query offset, new tokens, start) per row."""
+        if self.lengths is None:
+            return [(i, 0, q_len, start) for i, start in enumerate(self.starts)]
+        out, offset = [], 0
+        for n, start in zip(self.lengths, self.starts):
+            out.append((0, offset, n, start))
+            offset += n
+        return out
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float | None,
+               ) -> torch.Tensor:
+        """Write each row's new keys/values into its buffer, then attend its new tokens over
+        its own keys/values (causal among several new tokens).
+        query [batch, heads, q, dim] -> [batch, q, heads, dim]."""
+        new, outs = self._new, []
+        for row, (b, offset, n, start) in zip(self.rows, self._segments(query.shape[2])):
+            end = start + n
+            row.buf[layer, :, :, start:end] = new[:, b, :, offset:offset + n]
+            kv = row.buf[layer, :, :, :end]
+            if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
+                kv = self.scratch[:, :, :end].copy_(kv)
+            mask = None
+            if n > 1:
+                mask = torch.ones((n, end), dtype=torch.bool, device=query.device).tril(start)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, offset:offset + n], kv[0:1], kv[1:2], attn_mask=mask,
+                scale=scaling))
+        self._new = None
+        return torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
+
+
+def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):
+    cache = kwargs.get(ATTENTION)
+    if cache is None:  # any other call (generate, the bench's bare forward): transformers' sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    return cache.attend(module.layer_idx, query, scaling), None
+
+
+def use_rows_attention(model) -> None:
+    """Make `model` run `RowsCache.attend` when a forward pass is given `dialogbot_rows`
+    (and transformers' sdpa attention otherwise)."""
+    AttentionInterface.register(ATTENTION, _rows_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.config._attn_implementation = ATTENTION
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -48,14 +189,47 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class PrefixCache:
-    """Per-channel (ids, KV) of the last generation, bounded in bytes, least recently used
-    evicted first. `max_bytes <= 0` disables it (nothing is stored)."""
+def conversation_channel(key: str) -> str:
+    """"platform:channel" of a conversation key "platform:channel#sub"."""
+    return key.split("#", 1)[0]
 
-    def __init__(self, max_bytes: int):
+
+@dataclass(slots=True)
+class _Entry:
+    ids: tuple[int, ...]
+    row: RowKV
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int
+    misses: int
+    reused_tokens: int
+    entries: int
+    bytes_used: int
+    max_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class PrefixCache:
+    """Per-conversation (ids, row buffer) of the last generation, bounded in bytes, least
+    recently used evicted first. `max_bytes <= 0` disables it (nothing is stored).
+
+    `take` hands the buffer over to the new turn's row (the entry leaves the cache; the row
+    writes its new tokens into it) and `put` takes a finished row's buffer back: a turn
+    reuses its conversation's keys/values without copying them."""
+
+    def __init__(self, max_bytes: int, layout: KVLayout | None = None):
         self.max_bytes = max_bytes
+        self.layout = layout
         self.bytes_used = 0
-        self._entries: OrderedDict[str, CachedPrefix] = OrderedDict()
+        self.hits = self.misses = self.reused_tokens = 0
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._anchors: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._forgotten: dict[str, int] = {}
         self._clock = itertools.count(1)
@@ -67,42 +241,55 @@ class PrefixCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def ticket(self) -> int:
-        """Taken when a request starts; `store` refuses results of requests that started
-        before the channel was forgotten."""
-        return next(self._clock)
-
-    def lookup(self, key: str, prompt: Sequence[int]) -> tuple[int, KV | None]:
-        """How many leading tokens of `prompt` have cached keys/values (always leaving at
-        least one token to run, for the next token's logits) and those keys/values."""
+    def ids(self, key: str) -> tuple[int, ...] | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                return 0, None
-            self._entries.move_to_end(key)
-        reuse = min(common_prefix(entry.ids, prompt), len(prompt) - 1)
-        if reuse <= 0:
-            return 0, None
-        return reuse, tuple((k[:, :, :reuse], v[:, :, :reuse]) for k, v in entry.kv)
+            return entry.ids if entry else None
 
-    def store(self, key: str, ids: Sequence[int], kv: KV, ticket: int) -> bool:
-        """Keep `kv` (copied) as the channel's prefix, evicting the least recently used."""
-        nbytes = kv_nbytes(kv)
-        if nbytes > self.max_bytes or not ids:
-            with self._lock:
-                self._drop(key)
-            return False
-        entry = CachedPrefix(tuple(ids), tuple((k.contiguous().clone(), v.contiguous().clone())
-                                               for k, v in kv), nbytes)
+    def stats(self) -> CacheStats:
         with self._lock:
-            if self._forgotten.get(key, 0) > ticket:
-                return False
+            return CacheStats(self.hits, self.misses, self.reused_tokens, len(self._entries),
+                              self.bytes_used, self.max_bytes)
+
+    def ticket(self) -> int:
+        """Taken when a request starts; `put` and `set_anchor` refuse results of requests that
+        started before their conversation (or its channel) was forgotten."""
+        return next(self._clock)
+
+    def take(self, key: str, prompt: Sequence[int]) -> tuple[int, RowKV | None]:
+        """How many leading tokens of `prompt` have cached keys/values (always leaving at
+        least one token to run, for the next token's logits) and the buffer holding them,
+        which now belongs to the caller; (0, None) on a miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            reuse = 0 if entry is None else min(common_prefix(entry.ids, prompt),
+                                                len(prompt) - 1)
+            if reuse <= 0:
+                self.misses += 1
+                return 0, None
             self._drop(key)
+            self.hits += 1
+            self.reused_tokens += reuse
+        entry.row.length = reuse
+        return reuse, entry.row
+
+    def put(self, key: str, ids: Sequence[int], row: RowKV, ticket: int) -> bool:
+        """Keep `row` (not copied) as the conversation's prefix, evicting the least recently
+        used; False (and nothing kept) when it does not fit or the conversation was forgotten
+        after `ticket` was taken."""
+        nbytes = self._nbytes(len(ids))
+        with self._lock:
+            self._drop(key)
+            if nbytes > self.max_bytes or not ids or self._forgotten_since(key, ticket):
+                return False
             while self._entries and self.bytes_used + nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
-            self._entries[key] = entry
+            self._entries[key] = _Entry(tuple(ids), row, nbytes)
             self.bytes_used += nbytes
         return True
+
+    def _nbytes(self, tokens: int) -> int:
+        return self.layout.resident_bytes(tokens) if self.layout is not None else tokens
 
     def anchor(self, key: str) -> tuple[int, ...]:
         with self._lock:
@@ -110,7 +297,7 @@ class PrefixCache:
 
     def set_anchor(self, key: str, prompt: Sequence[int], ticket: int) -> None:
         with self._lock:
-            if self._forgotten.get(key, 0) > ticket:
+            if self._forgotten_since(key, ticket):
                 return
             self._anchors[key] = tuple(prompt[:ANCHOR_TOKENS])
             self._anchors.move_to_end(key)
@@ -118,96 +305,34 @@ class PrefixCache:
                 self._anchors.popitem(last=False)
 
     def forget(self, key: str) -> None:
+        """Drop the conversation `key`'s entry and anchor; for a channel key
+        ("platform:channel") every conversation inside it ("platform:channel#...") too."""
+        inside = key + "#"
         with self._lock:
-            self._drop(key)
-            self._anchors.pop(key, None)
+            for name in [k for k in self._entries if k == key or k.startswith(inside)]:
+                self._drop(name)
+            for name in [k for k in self._anchors if k == key or k.startswith(inside)]:
+                del self._anchors[name]
             self._forgotten[key] = next(self._clock)
+
+    def prune(self, oldest_open_ticket: int | None) -> None:
+        """Forget the forget times no request in flight can be older than (the worker calls
+        this with the oldest ticket it still holds, None when it holds none)."""
+        with self._lock:
+            if not self._forgotten:
+                return
+            if oldest_open_ticket is None:
+                self._forgotten.clear()
+            else:
+                self._forgotten = {k: t for k, t in self._forgotten.items()
+                                   if t > oldest_open_ticket}
+
+    def _forgotten_since(self, key: str, ticket: int) -> bool:
+        channel = conversation_channel(key)
+        return (self._forgotten.get(key, 0) > ticket
+                or (channel != key and self._forgotten.get(channel, 0) > ticket))
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes_used -= entry.nbytes
-
-
-class _BufferLayer(DynamicLayer):
-    """A `DynamicLayer` over a preallocated `[B, H, capacity, D]` buffer: `update` writes the
-    new tokens in place; `keys`/`values` are views of the filled part."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self.kbuf, self.vbuf, self.length = keys, values, length
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._view()
-
-    def _view(self) -> None:
-        self.keys = self.kbuf[:, :, :self.length]
-        self.values = self.vbuf[:, :, :self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.kbuf.shape[2]:
-            self.kbuf = _grow(self.kbuf, end)
-            self.vbuf = _grow(self.vbuf, end)
-        self.kbuf[:, :, self.length:end] = key_states
-        self.vbuf[:, :, self.length:end] = value_states
-        self.length = end
-        self._view()
-        return self.keys, self.values
-
-
-def _grow(buf: torch.Tensor, needed: int) -> torch.Tensor:
-    bigger = buf.new_zeros((*buf.shape[:2], max(needed, 2 * buf.shape[2]), buf.shape[3]))
-    bigger[:, :, :buf.shape[2]] = buf
-    return bigger
-
-
-class BatchCache(DynamicCache):
-    """The decode batch's cache: rows left-padded to a common length `length`, `mask` [B,
-    capacity] marks real positions (1) and padding (0)."""
-
-    def __init__(self, layers: list[_BufferLayer], mask: torch.Tensor):
-        Cache.__init__(self, layers=layers)
-        self.mask = mask
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[KV], lengths: Sequence[int], headroom: int) -> "BatchCache":
-        """Left-pad each row's `[1, H, len, D]` (or `[H, len, D]`) keys/values to the longest
-        and stack them, with room for `headroom` more tokens before the buffer grows."""
-        longest = max(lengths)
-        capacity = longest + max(headroom, 1)
-        first = rows[0][0][0]
-        heads, dim = first.shape[-3], first.shape[-1]
-        mask = torch.zeros((len(rows), capacity), dtype=torch.long, device=first.device)
-        layers = []
-        for layer in range(len(rows[0])):
-            kbuf = first.new_zeros((len(rows), heads, capacity, dim))
-            vbuf = first.new_zeros((len(rows), heads, capacity, dim))
-            for i, (kv, n) in enumerate(zip(rows, lengths)):
-                k, v = kv[layer]
-                kbuf[i, :, longest - n:longest] = k.reshape(heads, n, dim)
-                vbuf[i, :, longest - n:longest] = v.reshape(heads, n, dim)
-            layers.append(_BufferLayer(kbuf, vbuf, longest))
-        for i, n in enumerate(lengths):
-            mask[i, longest - n:longest] = 1
-        return cls(layers, mask)
-
-    def row(self, index: int, n: int) -> KV:
-        """Row `index`'s last `n` positions (its real tokens), as `[1, H, n, D]` views."""
-        end = self.length
-        return tuple((layer.kbuf[index:index + 1, :, end - n:end],
-                      layer.vbuf[index:index + 1, :, end - n:end]) for layer in self.layers)
-
-    def step_mask(self) -> torch.Tensor:
-        """Mark the next column real for every row and return the mask up to it."""
-        end = self.length
-        if end + 1 > self.mask.shape[1]:
-            grown = self.mask.new_zeros((self.mask.shape[0], max(end + 1, 2 * end)))
-            grown[:, :self.mask.shape[1]] = self.mask
-            self.mask = grown
-        self.mask[:, end] = 1
-        return self.mask[:, :end + 1]

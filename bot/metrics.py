@@ -92,6 +92,27 @@ class PrometheusMetrics(Metrics):
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self._queue.set_function(depth)
 
+    def watch_kv_cache(self, stats: Callable[[], Any]) -> None:
+        """Export the batching generator's prefix cache (`stats()` -> `CacheStats`):
+        dialogbot_kv_cache_lookups_total{result=hit|miss}, dialogbot_kv_cache_bytes."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class KVCacheCollector:
+            def collect(self):
+                now = stats()
+                lookups = CounterMetricFamily(
+                    "dialogbot_kv_cache_lookups", "Prompt lookups in the KV cache by result "
+                    "(hit: the conversation's earlier keys/values were reused)",
+                    labels=["result"])
+                lookups.add_metric(["hit"], now.hits)
+                lookups.add_metric(["miss"], now.misses)
+                yield lookups
+                yield GaugeMetricFamily("dialogbot_kv_cache_bytes",
+                                        "Bytes of keys/values kept between turns",
+                                        value=now.bytes_used)
+
+        self.registry.register(KVCacheCollector())
+
     def received(self, platform: str) -> None:
         self._received.labels(platform).inc()
 

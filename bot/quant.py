@@ -17,6 +17,12 @@ model is loaded and moved to its device:
 - `bf16`: `model.to(torch.bfloat16)` on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA.
 - `fp16`: CUDA only.
 
+Memory: `from_pretrained` leaves every weight a view of the memory-mapped checkpoint.
+Each layer is converted on its own and the checkpoint pages of the original are dropped
+right after (`bot.memory.drop_file_pages`), so the process holds one copy of the weights
+(the converted one) while loading and after; weights that need no conversion (embeddings,
+layer norms, and every weight with packing off) stay mapped, resident only where read.
+
 Anything that cannot run where it was asked raises `ConfigError` naming DIALOGBOT_QUANTIZE.
 """
 
@@ -74,22 +80,56 @@ def conv1d_to_linear(model: Any) -> int:
 
     Conv1D computes x @ W + b with W of shape (in, out); nn.Linear stores (out, in), so the
     weight is transposed. Returns how many layers were replaced."""
-    import torch
-    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = nn.Linear(child.nx, child.nf, bias=True,
-                                   device=child.weight.device, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.t())
-                    linear.bias.copy_(child.bias)
-                setattr(parent, name, linear)
-                replaced += 1
-    return replaced
+    return _replace_layers(model, lambda child: isinstance(child, Conv1D), _as_linear)
+
+
+def _as_linear(child: Any) -> Any:
+    import torch
+    from torch import nn
+
+    linear = nn.Linear(child.nx, child.nf, bias=True, device=child.weight.device,
+                       dtype=child.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(child.weight.t())
+        linear.bias.copy_(child.bias)
+    return linear
+
+
+def _replace_layers(model: Any, wanted, convert) -> int:
+    """Replace each child layer for which `wanted(child)` holds by `convert(child)`, one at a
+    time, dropping the old weight's checkpoint pages as soon as it is converted: loading and
+    converting never holds more than one layer twice (see `bot.memory`)."""
+    import torch
+
+    from bot.memory import FileMappings, drop_file_pages, release_freed_memory
+
+    mappings = FileMappings()
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if wanted(child)]
+    with torch.no_grad():
+        for parent, name in places:
+            child = getattr(parent, name)
+            setattr(parent, name, convert(child))
+            for tensor in (child.weight, getattr(child, "bias", None)):
+                drop_file_pages(tensor, mappings)
+            del child
+            release_freed_memory()  # the conversion's temporaries, before the next layer
+    return len(places)
+
+
+def cast_parameters(model: Any, dtype: Any) -> None:
+    """`model.to(dtype)` one tensor at a time, dropping each original's checkpoint pages."""
+    from bot.memory import FileMappings, drop_file_pages
+
+    mappings = FileMappings()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            old = tensor.data
+            tensor.data = old.to(dtype)
+            drop_file_pages(old, mappings)
+            del old
 
 
 def _packed_linear_class():
@@ -130,31 +170,55 @@ def can_pack() -> bool:
 
 def pack_linear_weights(model: Any) -> int:
     """Replace every `Conv1D` and fp32 `nn.Linear` of `model` (on the CPU) by a
-    `PackedLinear`, in place. Returns how many layers were replaced."""
+    `PackedLinear`, in place, one layer at a time. Returns how many layers were replaced."""
     import torch
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     packed_linear = _packed_linear_class()
-    # (parent, name) pairs, not the layers: each old layer is released as soon as it is packed
-    places = [(parent, name) for parent in model.modules()
-              for name, child in parent.named_children()
-              if isinstance(child, (Conv1D, nn.Linear)) and child.weight.dtype == torch.float32
-              and child.weight.device.type == "cpu"]
-    with torch.no_grad():
-        for parent, name in places:
-            child = getattr(parent, name)
-            if isinstance(child, Conv1D):  # Conv1D keeps its weight as (in, out)
-                new = packed_linear(child.weight.t(), child.bias)
-            else:
-                new = packed_linear(child.weight, child.bias)
-            del child
-            setattr(parent, name, new)
-    return len(places)
+
+    def wanted(child: Any) -> bool:
+        return (isinstance(child, (Conv1D, nn.Linear)) and child.weight.dtype == torch.float32
+                and child.weight.device.type == "cpu")
+
+    def convert(child: Any) -> Any:
+        if isinstance(child, Conv1D):  # Conv1D keeps its weight as (in, out)
+            return packed_linear(child.weight.t(), child.bias)
+        return packed_linear(child.weight, child.bias)
+
+    return _replace_layers(model, wanted, convert)
+
+
+def quantize_int8(model: Any) -> int:
+    """Every `Conv1D` and `nn.Linear` of `model` as torch's dynamically quantized int8
+    `Linear` (per-tensor weight scale, as `torch.ao.quantization.quantize_dynamic`), one layer
+    at a time: the fp32 weights are never all converted at once."""
+    from torch import nn
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import default_dynamic_qconfig
+    from transformers.pytorch_utils import Conv1D
+
+    def convert(child: Any) -> Any:
+        linear = _as_linear(child) if isinstance(child, Conv1D) else child
+        linear.qconfig = default_dynamic_qconfig
+        return DynamicLinear.from_float(linear)
+
+    with warnings.catch_warnings():  # torch 2.10+ flags the qint8 tensor API as deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        return _replace_layers(model, lambda c: isinstance(c, (Conv1D, nn.Linear)), convert)
 
 
 def prepare_model(model: Any, quantize: str, device: str, pack: bool = True) -> Any:
     """Return the model ready to serve at the requested precision (see the module doc)."""
+    from bot.memory import release_freed_memory
+
+    try:
+        return _prepare(model, quantize, device, pack).eval()
+    finally:
+        release_freed_memory()
+
+
+def _prepare(model: Any, quantize: str, device: str, pack: bool) -> Any:
     import torch
 
     check_quantize(quantize, device)
@@ -168,16 +232,9 @@ def prepare_model(model: Any, quantize: str, device: str, pack: bool = True) -> 
                             "using torch's default matmul")
         return model
     if quantize == "int8":
-        from torch import nn
-        from torch.ao.quantization import quantize_dynamic
-
-        replaced = conv1d_to_linear(model)
-        with warnings.catch_warnings():  # torch 2.10+ flags the qint8 tensor API as deprecated
-            warnings.simplefilter("ignore", UserWarning)
-            model = quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8,
-                                     inplace=True)  # no second fp32 copy in memory
-        log.info("dynamic int8 quantization: %d Conv1D layers converted to Linear", replaced)
-        return model.eval()
+        log.info("dynamic int8 quantization: %d linear layers", quantize_int8(model))
+        return model
     dtype = torch.bfloat16 if quantize == "bf16" else torch.float16
     log.info("model weights cast to %s", dtype)
-    return model.to(dtype).eval()
+    cast_parameters(model, dtype)
+    return model

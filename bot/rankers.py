@@ -129,6 +129,18 @@ def ranker_input(context: Sequence[int], candidate: Sequence[int], n_positions: 
     return ctx[-room:] + list(candidate)
 
 
+def load_failure(source: str, exc: BaseException) -> str:
+    """A few words on why `from_pretrained(source)` failed (its own text is a paragraph)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            return "the directory has no config.json"
+        return f"{type(exc).__name__} reading the model in it"
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        return "no such local directory"
+    return "not a hub id with a model (or not downloadable)"
+
+
 class DialogRPTRanker:
     """One DialogRPT model. `load` and `score` run in the generator's worker thread."""
 
@@ -142,15 +154,15 @@ class DialogRPTRanker:
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification
 
+        from bot.hf import pretrained_options
+
+        source = self.spec.source
+        options = pretrained_options(source, "DIALOGBOT_RANKERS")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(self.spec.source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, **options)
         except (OSError, ValueError, KeyError, ImportError) as exc:
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise ConfigError(
-                f"DIALOGBOT_RANKERS: ranker {self.spec.source!r} could not be loaded "
-                f"({reason}). Use a local directory holding a DialogRPT model (config.json "
-                "and weights), or a hub id such as microsoft/DialogRPT-updown with network "
-                "access.") from None
+            raise ConfigError(f"DIALOGBOT_RANKERS: {source!r} could not be loaded: "
+                              f"{load_failure(source, exc)}") from None
         if model.config.num_labels != 1 or not hasattr(model, "score"):
             raise ConfigError(f"DIALOGBOT_RANKERS: {self.spec.source!r} is not a DialogRPT "
                               "ranker (GPT-2 sequence classifier with one label)")

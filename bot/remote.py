@@ -20,7 +20,7 @@ from typing import Any
 
 from bot.errors import GenerationError
 from bot.events import DecodingSettings
-from bot.hf import model_error
+from bot.hf import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,8 @@ class RemoteBackend:
 
     def load(self) -> None:
         import openai
-        from transformers import AutoTokenizer
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id)
-        except (OSError, ValueError, KeyError, ImportError) as exc:
-            raise model_error(self.tokenizer_id, exc) from None
+        self.tokenizer = load_tokenizer(self.tokenizer_id)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_id = self.tokenizer.eos_token_id
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)

@@ -109,8 +109,7 @@ class CharacterRouter:
     # --- the Generator seam -------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        # getattr: until every Generator implements the seam's `ready`
-        return self._started and all(getattr(s.generator, "ready", True)
+        return self._started and all(s.generator.ready
                                      for s in self.slots.values() if s.generator is not None)
 
     @property

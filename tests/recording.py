@@ -91,7 +91,7 @@ class CountingGenerator:
 
     @property
     def ready(self):
-        return getattr(self.inner, "ready", True)
+        return self.inner.ready
 
     @property
     def backend(self):

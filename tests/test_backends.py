@@ -20,7 +20,7 @@ from tests.recording import RecordingAdapter, message
 needs_ct2 = pytest.mark.skipif(
     not ct2_available(), reason="ctranslate2 not installed (pip install '.[ct2]'; make test does)")
 no_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
-BACKENDS = [  # the model backends, one request at a time (LocalGenerator)
+BACKENDS = [  # the model backends, one request at a time (QueuedGenerator)
     pytest.param(dict(quantize="none", batching=False), id="torch-fp32"),
     pytest.param(dict(quantize="int8", batching=False), id="torch-int8"),
     pytest.param(dict(quantize="bf16", batching=False), id="torch-bf16", marks=no_bf16),
@@ -73,7 +73,7 @@ async def test_backend_answers_through_the_pipeline_with_settings_honoured(
     platform, turns, generator = await run_bot(
         config, [("1", "hello there"), ("2", "hello there"), ("1", "how are you?")])
     batched = options.get("batching", True) and options.get("generator_backend") != "ct2"
-    assert type(generator).__name__ == ("BatchingGenerator" if batched else "LocalGenerator")
+    assert type(generator).__name__ == ("BatchingGenerator" if batched else "QueuedGenerator")
     assert len(platform.sent) == 3
     assert all(r.text.strip() and r.text == r.text.strip() for r in platform.sent)
     bots = [t for t in turns["1"] + turns["2"] if t.role is Role.BOT]

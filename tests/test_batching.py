@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bot.batching import BatchingGenerator
 from bot.errors import BusyError, GenerationTimeout
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 from tests import test_pipeline as pipeline_tests
 
@@ -58,6 +58,7 @@ async def batcher(tiny_model_dir):
 
     async def make(**kwargs):
         kwargs.setdefault("max_wait_ms", 50)
+        kwargs.setdefault("kv_dtype", "float32")  # token parity with generate is an fp32 property
         gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
         await gen.start()
         gens.append(gen)
@@ -74,9 +75,11 @@ async def test_every_batched_greedy_row_equals_its_solo_run(batcher, hf, tiny_mo
                 for n in (4, 16, 9, 24, 1, 12)]
     got = await asyncio.gather(*(gen.reply(request(t, s, str(i)))
                                  for i, (t, s) in enumerate(zip(TEXTS, settings))))
-    # all decoded together, but the max_new_tokens=1 row: it is done after its prefill
+    # all prefilled in one packed pass and decoded together, but the max_new_tokens=1 row:
+    # it is done after its prefill
     assert gen.worker.stats.max_batch == len(TEXTS) - 1
-    local = LocalGenerator(TransformersBackend(str(tiny_model_dir), threads=1))
+    assert gen.worker.stats.prefill_passes == 1
+    local = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1))
     await local.start()
     try:
         for text, s, g in zip(TEXTS, settings, got):

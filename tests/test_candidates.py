@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bot.app import build_app, reply_rules
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 from bot.quality import ReplyRules
 from bot.rankers import FEEDBACK, HUMAN_LIKE, Ensemble, RankerSpec
@@ -91,12 +91,71 @@ class Scripted:
 
 
 async def run(backend, request, **kwargs):
-    gen = LocalGenerator(backend, **kwargs)
+    gen = QueuedGenerator(backend, **kwargs)
     await gen.start()
     try:
         return await gen.reply(request)
     finally:
         await gen.stop()
+
+
+class ScriptedRows:
+    """The batching generator (the default) on the tiny model, with each request's candidate
+    rows decoding scripted texts instead of the model's choice: the worker's real batch,
+    groups, judgement, retry and rankers see exactly these candidates. `calls` holds
+    (settings, rows) per attempt, like `Scripted.calls`."""
+
+    eos_token_id = 50256
+
+    def __init__(self, tok, batches):
+        self.tok = tok
+        self.batches = [list(b) for b in batches]
+        self.calls: list[tuple[DecodingSettings, int]] = []
+        self._scripts: dict[int, list[int]] = {}
+
+    def install(self, worker) -> None:
+        def choose(rows, scores):
+            for row in rows:
+                if id(row) not in self._scripts:
+                    group = [r for r in rows if r.group is row.group]
+                    self.calls.append((row.group.settings, len(group)))
+                    batch = self.batches.pop(0)
+                    assert len(batch) == len(group), "a different number of candidates"
+                    for member, text in zip(group, batch):
+                        self._scripts[id(member)] = self.tok.encode(text)
+            return [(self._scripts[id(r)] + [self.eos_token_id])[len(r.generated)]
+                    for r in rows]
+
+        worker._choose = choose
+
+
+async def run_batching(tiny_model_dir, batches, request, *, tok=None, **kwargs):
+    """`run` through the batching generator with scripted candidates; returns
+    (reply, ScriptedRows)."""
+    from bot.batching import BatchingGenerator
+
+    tok = tok or AutoTokenizer.from_pretrained(tiny_model_dir)
+    script = ScriptedRows(tok, batches)
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
+    await gen.start()
+    script.install(gen.worker)
+    try:
+        return await gen.reply(request), script
+    finally:
+        await gen.stop()
+
+
+@pytest.fixture(params=["one-by-one", "batching"])
+def scripted(request, tiny_model_dir):
+    """scripted(batches, request, **kwargs) -> (reply, calls) through either generator."""
+    async def go(batches, generation_request, **kwargs):
+        if request.param == "one-by-one":
+            backend = Scripted(batches)
+            return await run(backend, generation_request, **kwargs), backend.calls
+        got, script = await run_batching(tiny_model_dir, batches, generation_request, **kwargs)
+        return got, script.calls
+
+    return go
 
 
 # --- one batched call -----------------------------------------------------------------------
@@ -111,7 +170,7 @@ async def test_n_candidates_come_from_one_generate_call(tiny_model_dir):
 
 async def test_candidates_are_bounded_and_greedy_asks_for_one(tiny_model_dir):
     backend = Scripted([["a", "b", "c"], ["only"]])
-    gen = LocalGenerator(backend, rules=ReplyRules(max_candidates=3))
+    gen = QueuedGenerator(backend, rules=ReplyRules(max_candidates=3))
     await gen.start()
     try:
         await gen.reply(GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=50)))
@@ -141,17 +200,33 @@ WEIGHTS = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["one-by-one", "batching"])
 @pytest.mark.parametrize("weights", WEIGHTS)
 async def test_chosen_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, ranker_dirs,
-                                                              weights):
+                                                              weights, kind):
+    from bot.batching import BatchingGenerator
+
     folders = {f"r{i}": str(d) for i, d in enumerate(ranker_dirs)}
     specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-    backend = RecordingBackend(str(tiny_model_dir), threads=1)
     history = (turn("Do you like pizza?"), turn("Yes, a lot.", Role.BOT), turn("Why?"))
-    torch.manual_seed(1)
-    got = await run(backend, GenerationRequest("c", history, SAMPLE), rankers=Ensemble(specs))
+    if kind == "one-by-one":
+        backend = RecordingBackend(str(tiny_model_dir), threads=1)
+        torch.manual_seed(1)
+        got = await run(backend, GenerationRequest("c", history, SAMPLE),
+                        rankers=Ensemble(specs))
+        batches = backend.batches
+    else:  # the candidates are rows of the batch; the worker's rules see the same batch
+        gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                                rankers=Ensemble(specs))
+        await gen.start()
+        batches = capture_candidates(gen.worker)
+        try:
+            torch.manual_seed(1)
+            got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
+        finally:
+            await gen.stop()
 
-    (batch,) = backend.batches
+    (batch,) = batches
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = []
     for t in history:
@@ -170,7 +245,8 @@ async def test_chosen_reply_is_the_argmax_of_the_combined_score(tiny_model_dir, 
     assert list(got.token_ids) == kept[best][0]
 
 
-async def test_weights_change_the_choice(ranker_dirs):
+@pytest.mark.parametrize("kind", ["one-by-one", "batching"])
+async def test_weights_change_the_choice(ranker_dirs, tiny_model_dir, kind):
     """Same candidates, different weights: the winner follows the combined score."""
     texts = ["yes", "No, I hate it.", "I love pizza so much!", "What is pizza?", "maybe later"]
     tok = AutoTokenizer.from_pretrained(ranker_dirs[0])
@@ -180,10 +256,13 @@ async def test_weights_change_the_choice(ranker_dirs):
     winners = set()
     for weights in WEIGHTS + [{"r2": (FEEDBACK, 1.0)}, {"r0": (HUMAN_LIKE, 1.0)}]:
         specs = [RankerSpec(name, folders[name], g, w) for name, (g, w) in weights.items()]
-        backend = TokenScripted(tok, [texts])
-        got = await run(backend, GenerationRequest(
-            "c", (turn("Do you like pizza?"),), replace(SAMPLE, candidates=len(texts))),
-            rankers=Ensemble(specs))
+        request = GenerationRequest("c:1", (turn("Do you like pizza?"),),
+                                    replace(SAMPLE, candidates=len(texts)))
+        if kind == "one-by-one":
+            got = await run(TokenScripted(tok, [texts]), request, rankers=Ensemble(specs))
+        else:
+            got, _ = await run_batching(tiny_model_dir, [texts], request, tok=tok,
+                                        rankers=Ensemble(specs))
         final = [expected_final(raw, weights, i) for i in range(len(texts))]
         assert got.text == texts[max(range(len(texts)), key=final.__getitem__)]
         winners.add(got.text)
@@ -218,37 +297,72 @@ async def test_one_candidate_never_runs_the_rankers(tiny_model_dir, ranker_dirs)
     assert ranked == plain and calls == []
 
 
+# --- the same through the batching generator (the default) -------------------------------
+def capture_candidates(worker) -> list[list[list[int]]]:
+    """Every candidate batch the worker's reply rules see."""
+    batches: list[list[list[int]]] = []
+    real = worker.screen
+
+    def screen(batch, earlier):
+        batches.append([list(ids) for ids in batch])
+        return real(batch, earlier)
+
+    worker.screen = screen
+    return batches
+
+
+async def test_batching_candidates_are_rows_of_one_batch_after_one_prefill(tiny_model_dir):
+    from bot.batching import BatchingGenerator
+
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1))
+    await gen.start()
+    batches = capture_candidates(gen.worker)
+    history = (turn("tell me something"),)
+    try:
+        got = await gen.reply(GenerationRequest("c:1", history, SAMPLE))
+    finally:
+        await gen.stop()
+    stats = gen.worker.stats
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert stats.prefill_tokens == len(tok.encode("tell me something")) + 1  # one prefill
+    assert stats.max_batch == 6 and len(batches) == 1 and len(batches[0]) == 6
+    assert got.text in {tok.decode(ids).strip() for ids in batches[0]}
+
+
 # --- no repeats ---------------------------------------------------------------------------
 HISTORY = (turn("hi"), turn("Hello there!", Role.BOT), turn("You said HI?"))
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(
     ["hello, there", "you said hi", "something new"])))
-async def test_repeats_and_parrots_are_never_sent_while_another_candidate_exists(order):
-    backend = Scripted([list(order)])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=3)))
+async def test_repeats_and_parrots_are_never_sent_while_another_candidate_exists(order,
+                                                                                scripted):
+    got, calls = await scripted([list(order)], GenerationRequest(
+        "c:1", HISTORY, replace(SAMPLE, candidates=3)))
     assert got.text == "something new" and not got.fallback
-    assert len(backend.calls) == 1
+    assert len(calls) == 1
 
 
-async def test_all_repeats_regenerate_once_with_sampling_then_fall_back():
-    backend = Scripted([["HELLO THERE"], ["you said hi.", "Fresh words"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(GREEDY, candidates=2)),
-                    fallback_reply="hmm")
+async def test_all_repeats_regenerate_once_with_sampling_then_fall_back(scripted):
+    got, calls = await scripted([["HELLO THERE"], ["you said hi.", "Fresh words"]],
+                                GenerationRequest("c:1", HISTORY,
+                                                  replace(GREEDY, candidates=2)),
+                                fallback_reply="hmm")
     assert got.text == "Fresh words"
-    assert [(s.do_sample, n) for s, n in backend.calls] == [(False, 1), (True, 2)]
+    assert [(s.do_sample, n) for s, n in calls] == [(False, 1), (True, 2)]
 
-    backend = Scripted([["hello there", "you said hi"], ["Hello there", "hello there!!"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=2)),
-                    fallback_reply="hmm")
+    got, calls = await scripted([["hello there", "you said hi"],
+                                 ["Hello there", "hello there!!"]],
+                                GenerationRequest("c:1", HISTORY,
+                                                  replace(SAMPLE, candidates=2)),
+                                fallback_reply="hmm")
     assert got.text == "hmm" and got.fallback and got.token_ids == ()
-    assert len(backend.calls) == 2
+    assert len(calls) == 2
 
 
-async def test_repeat_window_zero_turns_the_rule_off():
-    backend = Scripted([["hello there", "something new"]])
-    got = await run(backend, GenerationRequest("c", HISTORY, replace(SAMPLE, candidates=2)),
-                    rules=ReplyRules(repeat_window=0))
+async def test_repeat_window_zero_turns_the_rule_off(scripted):
+    got, _ = await scripted([["hello there", "something new"]], GenerationRequest(
+        "c:1", HISTORY, replace(SAMPLE, candidates=2)), rules=ReplyRules(repeat_window=0))
     assert got.text == "hello there"
 
 
@@ -270,18 +384,40 @@ async def test_listed_words_in_any_disguise_are_never_sent(blocklist):
         assert got.text == "a fine reply"
 
 
-async def test_filter_off_drops_nothing():
-    backend = Scripted([["that is bad", "a fine reply"]])
-    got = await run(backend, GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=2)))
+async def test_listed_words_are_never_sent_by_the_batching_generator(blocklist, tiny_model_dir):
+    """Eight requests at once (their candidates decode in shared batches), each with the
+    listed words in disguise among five candidates: each gets the one clean candidate."""
+    from bot.batching import BatchingGenerator
+
+    disguised = ["that is B\u0430D", "sh\u200but   UP now", "b\u00e1d", "\uff42\uff41\uff44!"]
+    orders = list(itertools.permutations(disguised + ["a fine reply"]))[::15]
+    script = ScriptedRows(AutoTokenizer.from_pretrained(tiny_model_dir),
+                          [list(order) for order in orders])
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                            rules=ReplyRules(blocklist=blocklist), max_wait_ms=100)
+    await gen.start()
+    script.install(gen.worker)
+    try:
+        got = await asyncio.gather(*(gen.reply(GenerationRequest(
+            f"c:{i}", (turn("x"),), replace(SAMPLE, candidates=5))) for i in range(len(orders))))
+    finally:
+        await gen.stop()
+    assert [g.text for g in got] == ["a fine reply"] * len(orders)
+    assert len(script.calls) == len(orders) and gen.worker.stats.max_batch >= 10
+
+
+async def test_filter_off_drops_nothing(scripted):
+    got, _ = await scripted([["that is bad", "a fine reply"]], GenerationRequest(
+        "c:1", (turn("x"),), replace(SAMPLE, candidates=2)))
     assert got.text == "that is bad"
 
 
-async def test_all_blocked_gives_the_neutral_line(blocklist):
-    backend = Scripted([["bad", "BAD!"], ["so bad", "shut up"]])
-    got = await run(backend, GenerationRequest("c", (turn("x"),), replace(SAMPLE, candidates=2)),
-                    rules=ReplyRules(blocklist=blocklist, neutral_reply="Let's move on."))
+async def test_all_blocked_gives_the_neutral_line(blocklist, scripted):
+    got, calls = await scripted([["bad", "BAD!"], ["so bad", "shut up"]], GenerationRequest(
+        "c:1", (turn("x"),), replace(SAMPLE, candidates=2)),
+        rules=ReplyRules(blocklist=blocklist, neutral_reply="Let's move on."))
     assert got.text == "Let's move on." and got.fallback
-    assert len(backend.calls) == 2
+    assert len(calls) == 2
 
 
 # --- through the pipeline -----------------------------------------------------------------
@@ -292,7 +428,7 @@ async def scripted_bot(make_config):
     async def make(batches, **overrides):
         config = make_config(**overrides)
         backend = Scripted(batches)
-        generator = CountingGenerator(LocalGenerator(
+        generator = CountingGenerator(QueuedGenerator(
             backend, fallback_reply=config.fallback_reply, rules=reply_rules(config)))
         platform = RecordingAdapter()
         app = build_app(config, [platform], generator=generator)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.errors import BusyError, ConfigError, GenerationTimeout
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 
 GREEDY = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, repetition_penalty=1.0,
@@ -26,7 +26,7 @@ def turn(text: str, role: Role = Role.USER, ids=None) -> Turn:
 
 @pytest.fixture
 async def generator(tiny_model_dir):
-    gen = LocalGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=60)
+    gen = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=60)
     await gen.start()
     yield gen
     await gen.stop()
@@ -124,7 +124,7 @@ async def test_event_loop_keeps_ticking_while_generating(generator):
 
 
 async def test_timeout_abandons_generation_and_the_worker_recovers(tiny_model_dir):
-    gen = LocalGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=0.05)
+    gen = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1), timeout=0.05)
     await gen.start()
     try:
         long = tuple(turn("again and again " * 200) for _ in range(2))
@@ -169,7 +169,7 @@ class ScriptedBackend:
 
 async def test_empty_reply_is_retried_with_sampling_then_falls_back():
     backend = ScriptedBackend(["   ", "ok then"])
-    gen = LocalGenerator(backend, fallback_reply="hmm")
+    gen = QueuedGenerator(backend, fallback_reply="hmm")
     await gen.start()
     got = await gen.reply(GenerationRequest("k", (turn("x"),), GREEDY))
     assert got.text == "ok then" and not got.fallback
@@ -184,7 +184,7 @@ async def test_empty_reply_is_retried_with_sampling_then_falls_back():
 async def test_full_queue_raises_busy():
     backend = ScriptedBackend(["a"] * 10)
     backend.gate.clear()  # hold the worker
-    gen = LocalGenerator(backend, queue_size=2)
+    gen = QueuedGenerator(backend, queue_size=2)
     await gen.start()
     first = asyncio.create_task(gen.reply(GenerationRequest("k", (turn("x"),), GREEDY)))
     second = asyncio.create_task(gen.reply(GenerationRequest("k", (turn("y"),), GREEDY)))
@@ -199,7 +199,7 @@ async def test_full_queue_raises_busy():
 
 
 async def test_a_directory_without_weights_stops_with_one_clear_line(tmp_path):
-    gen = LocalGenerator(TransformersBackend(str(tmp_path / "nothing-here")))
+    gen = QueuedGenerator(TransformersBackend(str(tmp_path / "nothing-here")))
     with pytest.raises(ConfigError) as err:
         await gen.start()
     message = str(err.value)
@@ -209,8 +209,68 @@ async def test_a_directory_without_weights_stops_with_one_clear_line(tmp_path):
 
 async def test_hub_id_offline_stops_with_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    gen = LocalGenerator(TransformersBackend("microsoft/DialoGPT-medium"))
+    gen = QueuedGenerator(TransformersBackend("microsoft/DialoGPT-medium"))
     with pytest.raises(ConfigError) as err:
         await gen.start()
     assert "DIALOGBOT_MODEL='microsoft/DialoGPT-medium'" in str(err.value)
     assert "HF_HUB_OFFLINE=1" in str(err.value)
+
+
+# --- start-up without the hub --------------------------------------------------------------
+@pytest.fixture
+async def no_hub(monkeypatch, tmp_path):
+    """The Hugging Face hub at an address that accepts connections and never answers (a
+    firewalled or dead network), an empty cache, offline mode unset: what a bot without
+    network sees, whether or not this machine has one."""
+    import huggingface_hub.constants as hub
+
+    from bot import hf
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader, writer):
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(hf, "_probes", {})
+    yield tmp_path / "hub-cache"
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+async def test_a_hub_id_without_network_stops_in_seconds_with_one_line(no_hub, caplog):
+    gen = QueuedGenerator(TransformersBackend("microsoft/DialoGPT-medium"))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        await gen.start()
+    assert time.perf_counter() - started < 10  # huggingface_hub alone retries for ~50 s
+    message = str(err.value)
+    assert message.startswith("DIALOGBOT_MODEL='microsoft/DialoGPT-medium'")
+    assert "cannot be downloaded" in message and "\n" not in message and len(message) < 300
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+
+
+async def test_a_cached_hub_model_loads_when_the_hub_cannot_be_reached(no_hub, tiny_model_dir):
+    """The hub is down but the model was downloaded before: it loads from the cache at once."""
+    import shutil
+
+    snapshot = no_hub / "models--microsoft--DialoGPT-medium" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    gen = QueuedGenerator(TransformersBackend("microsoft/DialoGPT-medium", threads=1))
+    started = time.perf_counter()
+    await gen.start()
+    try:
+        assert time.perf_counter() - started < 15
+        got = await gen.reply(GenerationRequest("console:c", (turn("hi"),), GREEDY))
+        assert got.text
+    finally:
+        await gen.stop()

@@ -3,6 +3,8 @@ the stepped prompt window that keeps a channel's prefix stable."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,6 +13,7 @@ from bot.batching import BatchingGenerator
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
 from bot.hf import TransformersBackend
 from bot.prompt import build_prompt, build_window
+from bot.quality import ReplyRules
 
 EOS = 50256
 GREEDY = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=10)
@@ -25,6 +28,7 @@ async def batcher(tiny_model_dir):
     gens = []
 
     async def make(**kwargs):
+        kwargs.setdefault("kv_dtype", "float32")  # token parity with generate is an fp32 property
         gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1), **kwargs)
         await gen.start()
         gens.append(gen)
@@ -103,7 +107,7 @@ async def test_reset_forget_and_settings_changes_drop_the_cache_through_the_pipe
 
 
 async def test_cache_stays_within_its_byte_bound_least_recently_used_evicted(batcher):
-    gen = await batcher(kv_cache_mb=0.1)  # ~3 short conversations of the tiny model
+    gen = await batcher(kv_cache_mb=0.08)  # ~3 short conversations of the tiny model
     prefix = gen.worker.prefix
     for i in range(12):
         await gen.reply(GenerationRequest(f"console:{i}", (user(f"message number {i}, hi", str(i)),),
@@ -114,7 +118,11 @@ async def test_cache_stays_within_its_byte_bound_least_recently_used_evicted(bat
     # touching an old entry protects it from the next eviction
     kept = [k for k in (f"console:{i}" for i in range(12)) if k in prefix]
     oldest = kept[0]
-    prefix.lookup(oldest, list(prefix._entries[oldest].ids) + [1])
+    i = oldest.split(":")[1]
+    hits = prefix.hits
+    await gen.reply(GenerationRequest(oldest, (user(f"message number {i}, hi", i),
+                                               user("and again", i)), GREEDY))
+    assert prefix.hits == hits + 1 and list(prefix._entries)[-1] == oldest
     await gen.reply(GenerationRequest("console:new", (user("another one " * 15, "new"),), GREEDY))
     assert oldest in prefix and kept[1] not in prefix
     assert prefix.bytes_used <= prefix.max_bytes
@@ -167,3 +175,242 @@ def test_window_slides_in_steps_and_holds_its_start():
 def test_window_keeps_the_end_of_a_single_huge_message():
     turns = [[1, 2], list(range(5000))]
     assert build_window(turns, 960, EOS, 256) == build_prompt(turns, 960, EOS)
+
+
+# --- forgetting a channel's conversations --------------------------------------------------
+def test_forgetting_a_channel_drops_every_conversation_inside_it():
+    from bot.kvcache import PrefixCache, RowKV
+
+    prefix = PrefixCache(10**6)
+    keys = ["telegram:1", "telegram:1#u7", "telegram:1#reply-3", "telegram:10",
+            "telegram:10#u7", "discord:1"]
+    for key in keys:
+        ticket = prefix.ticket()
+        assert prefix.put(key, [1, 2, 3], RowKV(torch.empty(1)), ticket)
+        prefix.set_anchor(key, [1, 2, 3], ticket)
+    prefix.forget("telegram:1")
+    left = ["telegram:10", "telegram:10#u7", "discord:1"]
+    assert [k for k in keys if k in prefix] == left
+    assert [k for k in keys if prefix.anchor(k)] == left
+    prefix.forget("telegram:10#u7")  # one conversation: the channel's own key stays
+    assert [k for k in keys if k in prefix] == ["telegram:10", "discord:1"]
+
+
+def test_a_request_that_started_before_the_forget_stores_nothing_for_it():
+    from bot.kvcache import PrefixCache, RowKV
+
+    prefix = PrefixCache(10**6)
+    before = {key: prefix.ticket() for key in ("telegram:1#u7", "telegram:1", "telegram:2")}
+    prefix.forget("telegram:1")
+    after = prefix.ticket()
+    for key, ticket in before.items():
+        prefix.put(key, [1, 2], RowKV(torch.empty(1)), ticket)
+        prefix.set_anchor(key, [1, 2], ticket)
+    assert "telegram:1#u7" not in prefix and "telegram:1" not in prefix
+    assert prefix.anchor("telegram:1#u7") == () and prefix.anchor("telegram:1") == ()
+    assert "telegram:2" in prefix  # another channel is not affected
+    assert prefix.put("telegram:1#u7", [1, 2], RowKV(torch.empty(1)), after)  # started after
+
+
+async def test_forget_during_a_generation_keeps_its_cache_out_and_its_ticket_is_pruned(batcher):
+    gen = await batcher(max_wait_ms=0)
+    prefix = gen.worker.prefix
+    long = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=300)
+    key = "telegram:1#u7"
+    task = asyncio.create_task(gen.reply(GenerationRequest(key, (user("tell me a story"),),
+                                                           long)))
+    while gen.worker.stats.decode_steps < 3:
+        await asyncio.sleep(0.001)
+    gen.forget_channel("telegram:1")  # the channel: every conversation in it
+    await task
+    assert key not in prefix and prefix.anchor(key) == ()
+    await gen.reply(GenerationRequest(key, (user("tell me a story"),), GREEDY))
+    assert key in prefix and prefix.anchor(key) != ()  # requests after the forget store
+    assert prefix._forgotten == {}  # no request in flight is older: the forget time is gone
+
+
+# --- the cache layout: joins and leaves copy nothing of the other rows ------------------------
+def moved_bytes(fn) -> tuple[int, int]:
+    """(bytes allocated, bytes written by copying ops) while `fn` runs, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    copying = {"aten::copy_", "aten::clone", "aten::cat", "aten::index_put_", "aten::stack",
+               "aten::index_select", "aten::slice_scatter", "aten::contiguous", "aten::to"}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                 record_shapes=True) as prof:
+        fn()
+    allocated = written = 0
+    for event in prof.events():
+        allocated += max(0, event.self_cpu_memory_usage)
+        if event.name in copying and event.input_shapes and event.input_shapes[0]:
+            written += 4 * int(torch.tensor(event.input_shapes[0]).prod())
+    return allocated, written
+
+
+async def test_a_join_or_a_leave_does_not_copy_the_other_rows(tiny_model_dir):
+    """15 rows decode with 100, then 800 tokens of history each; a 16th request joins (its
+    prefill and the regroup) and a row leaves: what is allocated or copied does not grow with
+    the other rows' history."""
+    from bot.batching import BatchWorker
+    from bot.generator import _Job
+
+    loop = asyncio.get_running_loop()
+    worker = BatchWorker(TransformersBackend(str(tiny_model_dir), threads=1), "fallback",
+                         max_batch_size=16, kv_dtype="float32")
+    worker.load()
+    long = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=100)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def job(key: str, history: int, settings=long) -> _Job:
+        ids = tuple(tok.encode(" word" * history)[:history])
+        turns = (Turn("console", key, Role.BOT, "x", token_ids=ids), user("a question"))
+        return _Job(GenerationRequest(f"console:{key}", turns, settings), loop.create_future(),
+                    loop)
+
+    figures = {}
+    with torch.inference_mode():
+        for history in (100, 800):
+            worker._admit([job(f"{history}-{i}", history) for i in range(15)])
+            worker._regroup()
+            worker._step()
+            assert len(worker._rows) == 15 and min(r.kv_len for r in worker._rows) > history
+            joiner = job(f"{history}-join", 20)
+            join = moved_bytes(lambda: (worker._admit([joiner]), worker._regroup()))
+            assert len(worker._rows) == 16
+            worker._rows[3].job.cancel.set()  # a row leaves at the next regroup
+            leave = moved_bytes(worker._regroup)
+            assert len(worker._rows) == 15
+            figures[history] = join, leave
+            for row in worker._rows:
+                row.job.cancel.set()
+            worker._regroup()
+    (join100, leave100), (join800, leave800) = figures[100], figures[800]
+    assert join800 == join100, figures  # the joining row's own prefill only
+    assert leave100 == leave800 == (0, 0), figures
+
+
+# --- parity across window slides and evictions; half precision --------------------------------
+@pytest.fixture(scope="module")
+def short_window_dir(tmp_path_factory):
+    """The tiny model with 128 positions: a conversation slides its window every few turns."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.modelkit import write_tokenizer
+
+    torch.manual_seed(3)
+    config = GPT2Config(vocab_size=50257, n_positions=128, n_layer=2, n_embd=64, n_head=2,
+                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
+                        tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("models") / "tiny-128"
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+def generate_ids(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
+            1, len(prompt), dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=EOS)
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(EOS)] if EOS in new else new
+
+
+async def test_every_turn_equals_generate_across_window_slides_and_evictions(
+        short_window_dir):
+    """Two conversations take turns through a cache that holds one of them (each turn evicts
+    the other's cache) and a 128-position model whose window slides every few turns; every
+    reply equals `generate` on the prompt the worker built, cache hit or not."""
+    settings = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=8)
+    model = AutoModelForCausalLM.from_pretrained(short_window_dir).eval()
+    tok = AutoTokenizer.from_pretrained(short_window_dir)
+    gen = BatchingGenerator(TransformersBackend(str(short_window_dir), threads=1),
+                            window_step=32, kv_dtype="float32", kv_cache_mb=0.15,
+                            rules=ReplyRules(repeat_window=0))  # each reply is the greedy one
+    await gen.start()
+    worker, prompts = gen.worker, []
+    real = worker.prompt_for
+    worker.prompt_for = lambda request, ticket=0: prompts.append(real(request, ticket)) \
+        or prompts[-1]
+    try:
+        histories = {"a": [], "b": []}
+        starts = {"a": [], "b": []}
+        for turn in range(14):
+            for name, history in histories.items():
+                history.append(user(f"{name} says {turn}: do you like trains?", name))
+                got = await gen.reply(GenerationRequest(f"console:{name}", tuple(history),
+                                                        settings))
+                prompt = prompts[-1]
+                assert list(got.token_ids) == generate_ids(model, prompt, 8), (name, turn)
+                starts[name].append(tuple(prompt[:6]))
+                history.append(Turn("console", name, Role.BOT, got.text,
+                                    token_ids=got.token_ids))
+        stats = gen.cache_stats()
+    finally:
+        await gen.stop()
+    slides = sum(a != b for s in starts.values() for a, b in zip(s, s[1:]))
+    assert slides >= 4  # the windows moved
+    assert stats.hits >= 4 and stats.misses >= 14  # reused, and evicted (or slid) often
+    assert len(tok.encode("a says 1: do you like trains?")) > 8
+
+
+async def test_half_precision_keys_and_values_give_the_fp32_replies_over_30_turns(
+        tiny_model_dir):
+    """The same 30-turn conversation (the fp32 replies fed back to both) through float16 and
+    float32 storage: the greedy replies are the same; the first-token logits stay within
+    2e-3 of each other (float16 keeps 11 significant bits)."""
+    gens = {}
+    for dtype in ("float32", "float16"):
+        gens[dtype] = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                                        kv_dtype=dtype)
+        await gens[dtype].start()
+    logits: dict[str, list[torch.Tensor]] = {"float32": [], "float16": []}
+    for dtype, gen in gens.items():
+        real = gen.worker._choose
+        gen.worker._choose = lambda rows, scores, real=real, seen=logits[dtype]: (
+            seen.append(scores[0].clone()) if not rows[0].generated else None) or real(rows,
+                                                                                      scores)
+    settings = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=12)
+    history: list[Turn] = []
+    differ = []
+    try:
+        for turn in range(30):
+            history.append(user(f"turn {turn}: what do you think about {turn * 7} trains?"))
+            full = await gens["float32"].reply(GenerationRequest("c:1", tuple(history),
+                                                                 settings))
+            half = await gens["float16"].reply(GenerationRequest("c:1", tuple(history),
+                                                                 settings))
+            if half.token_ids != full.token_ids:
+                differ.append(turn)
+            history.append(Turn("console", "c", Role.BOT, full.text, token_ids=full.token_ids))
+        assert gens["float16"].cache_stats().hits >= 25  # the half cache was reused
+    finally:
+        for gen in gens.values():
+            await gen.stop()
+    assert differ == []
+    worst = max(float((a - b).abs().max()) for a, b in zip(logits["float32"],
+                                                           logits["float16"]))
+    assert 0 < worst < 2e-3, worst
+
+
+async def test_the_cache_hit_rate_is_exported_to_prometheus(make_config):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bot.app import build_app
+    from tests.recording import RecordingAdapter, message
+    from tests.test_metrics import get
+
+    app = build_app(make_config(batching=True, metrics_port=0, metrics_host="127.0.0.1"),
+                    [RecordingAdapter()])
+    await app.start()
+    try:
+        for text in ("hello", "how are you?", "and now?"):
+            await app.pipeline.process(message(text))
+        status, body = await get(f"http://127.0.0.1:{app.ops.port}/metrics")
+    finally:
+        await app.stop()
+    samples = {(s.name, s.labels.get("result")): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples}
+    assert samples[("dialogbot_kv_cache_lookups_total", "miss")] == 1
+    assert samples[("dialogbot_kv_cache_lookups_total", "hit")] == 2
+    assert samples[("dialogbot_kv_cache_bytes", None)] > 0

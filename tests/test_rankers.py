@@ -15,6 +15,7 @@ from bot.errors import ConfigError
 from bot.rankers import (FEEDBACK, HUMAN_LIKE, DialogRPTRanker, Ensemble, RankerSpec, combine,
                          parse_rankers)
 from tests.modelkit import EOS, make_model_dir
+from tests.test_generator import no_hub  # noqa: F401 - a fixture
 
 PAIRS = [
     ("I love NLP!", "Here's a free textbook (URL) in case anyone needs it."),
@@ -196,3 +197,27 @@ def test_ensemble_best_is_the_argmax_of_the_combined_score(ranker_dirs, tok):
     final = [expected_final(raw, weights, i) for i in range(len(texts))]
     assert ensemble.scores(context, candidates) == pytest.approx(final, abs=1e-5)
     assert ensemble.best(context, candidates) == max(range(len(final)), key=final.__getitem__)
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("{tmp}/nowhere", "no such local directory"),
+    ("{tmp}/empty", "the directory has no config.json"),
+    ("some-org/no-such-ranker", "cannot be downloaded"),
+])
+async def test_a_bad_ranker_entry_stops_start_up_with_one_short_line(entry, why, tmp_path,
+                                                                     tiny_model_dir, no_hub):
+    import time
+
+    from bot.generator import QueuedGenerator
+    from bot.hf import TransformersBackend
+
+    (tmp_path / "empty").mkdir()
+    gen = QueuedGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
+                          rankers=Ensemble(parse_rankers(entry.format(tmp=tmp_path))))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        await gen.start()
+    message = str(err.value)
+    assert time.perf_counter() - started < 10
+    assert message.startswith("DIALOGBOT_RANKERS") and why in message
+    assert "\n" not in message and len(message) < 200, message

@@ -19,7 +19,7 @@ from adapters.discord import MAX_LENGTH as DISCORD_MAX
 from adapters.telegram import split_for_telegram, utf16_len
 from bot.app import build_app
 from bot.events import Generated, Role, TurnState
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.pipeline import APOLOGY, BUSY, SLOW
 from bot.text import clean_outgoing, split_message
 from storage.store import SQLAlchemyStore
@@ -163,7 +163,7 @@ async def test_flood_keeps_the_queue_bounded_and_answers_or_refuses_every_messag
     config = make_config(user_rate=10**6, channel_rate=10**6, queue_size=16)
     platform = RecordingAdapter()
     backend = SlowBackend(delay=0.002)
-    generator = LocalGenerator(backend, queue_size=config.queue_size)
+    generator = QueuedGenerator(backend, queue_size=config.queue_size)
     app = build_app(config, [platform], generator=generator)
     await app.start()
     process = psutil.Process()
@@ -210,7 +210,7 @@ async def test_hanging_generation_times_out_and_the_bot_recovers(make_config):
     platform = RecordingAdapter()
     backend = SlowBackend()
     backend.hang_next = True
-    app = build_app(config, [platform], generator=LocalGenerator(backend, timeout=0.3))
+    app = build_app(config, [platform], generator=QueuedGenerator(backend, timeout=0.3))
     await app.start()
     try:
         await app.pipeline.process(message("hello?"))
@@ -239,7 +239,7 @@ async def test_locked_database_is_waited_out_then_apologised_for_then_recovers(m
     path = tmp_path / "data" / "bot.db"
     platform = RecordingAdapter()
     store = SQLAlchemyStore(config.database_url, retries=2, backoff=0.05, busy_timeout_ms=100)
-    app = build_app(config, [platform], store=store, generator=LocalGenerator(SlowBackend()))
+    app = build_app(config, [platform], store=store, generator=QueuedGenerator(SlowBackend()))
     await app.start()
     try:
         # locked briefly: the store's retries ride it out and the user is answered
@@ -287,7 +287,7 @@ class FlakyAdapter(RecordingAdapter):
 async def test_failed_sends_are_retried_and_delivered(make_config):
     config = make_config(send_retries=3)
     platform = FlakyAdapter(failures=2)
-    app = build_app(config, [platform], generator=LocalGenerator(SlowBackend()))
+    app = build_app(config, [platform], generator=QueuedGenerator(SlowBackend()))
     app.pipeline.retry_base = 0.01
     await app.start()
     try:
@@ -303,7 +303,7 @@ async def test_a_platform_that_keeps_failing_does_not_stop_other_channels(make_c
     config = make_config(send_retries=1)
     broken = FlakyAdapter(failures=10**6, name="discord")
     working = RecordingAdapter(name="telegram")
-    app = build_app(config, [broken, working], generator=LocalGenerator(SlowBackend()))
+    app = build_app(config, [broken, working], generator=QueuedGenerator(SlowBackend()))
     app.pipeline.retry_base = 0.01
     await app.start()
     try:
@@ -319,7 +319,7 @@ async def test_a_platform_that_keeps_failing_does_not_stop_other_channels(make_c
 
     healed = RecordingAdapter(name="discord")
     again = build_app(config, [healed, RecordingAdapter(name="telegram")],
-                      generator=LocalGenerator(SlowBackend()))
+                      generator=QueuedGenerator(SlowBackend()))
     await again.start()
     try:
         for _ in range(100):

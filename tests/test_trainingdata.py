@@ -11,7 +11,7 @@ import pytest
 
 from bot.errors import DataError
 from bot.events import DecodingSettings, GenerationRequest, Role, Turn
-from bot.generator import LocalGenerator
+from bot.generator import QueuedGenerator
 from bot.hf import TransformersBackend
 from bot.trainingdata import IGNORE, encode_corpus, encode_example, read_corpus
 
@@ -130,7 +130,7 @@ async def test_training_example_is_the_prompt_the_bot_builds_plus_the_response(
     response = "Yes, with my dog."
     data = write(tmp_path, "d.jsonl", json.dumps({"turns": [*turns, response]}) + "\n")
     backend = RecordingBackend(str(tiny_model_dir), threads=1)
-    generator = LocalGenerator(backend, timeout=60)
+    generator = QueuedGenerator(backend, timeout=60)
     await generator.start()
     try:
         tok = backend.tokenizer
