@@ -139,10 +139,12 @@ class FakeDiscord:
         self.admin = Person(snowflake(), "admin", roles=[self.admin_role])
         self.other_bot = Person(snowflake(), "otherbot", bot=True)
         self.dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self.messages: dict[int, dict[str, Any]] = {}  # id -> payload (GET .../messages/id)
 
         # what the bot did
         self.posts: list[Post] = []
         self.typing: list[int] = []
+        self.fetched: list[int] = []  # message ids the bot fetched
         self.commands: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str]] = []
         self.identifies: list[dict[str, Any]] = []
@@ -284,7 +286,8 @@ class FakeDiscord:
                         guild: bool = True, mentions: list[Person] = (),
                         mention_roles: list[int] = (), reply_to: dict[str, Any] | None = None,
                         attachments: int = 0, webhook: bool = False,
-                        type_: int | None = None) -> dict[str, Any]:
+                        type_: int | None = None, reference_only: bool = False
+                        ) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": str(snowflake()), "channel_id": str(channel_id), "author": author.user,
             "content": content, "timestamp": iso_now(), "edited_timestamp": None,
@@ -308,8 +311,15 @@ class FakeDiscord:
             data["message_reference"] = {"message_id": reply_to["id"],
                                          "channel_id": reply_to["channel_id"],
                                          "guild_id": reply_to.get("guild_id"), "type": 0}
-            data["referenced_message"] = reply_to
+            if not reference_only:  # Discord leaves it out when it could not load it
+                data["referenced_message"] = reply_to
+        self.messages[int(data["id"])] = data
         return data
+
+    def posted_while_offline(self, author: Person, channel_id: int, content: str
+                             ) -> dict[str, Any]:
+        """A message the bot never received (no MESSAGE_CREATE): only a fetch finds it."""
+        return self.message_payload(author, channel_id, content)
 
     # --- pushing events ---------------------------------------------------------------------
     def _shard_for(self, guild_id: int | None) -> _Shard:
@@ -500,6 +510,12 @@ class FakeDiscord:
                 return web.Response(status=204)
             case "POST", ["channels", cid, "messages"]:
                 return await self._create_message(int(cid), body)
+            case "GET", ["channels", cid, "messages", mid]:
+                found = self.messages.get(int(mid))
+                if found is None or found["channel_id"] != cid:
+                    return self._json({"message": "Unknown Message", "code": 10008}, 404)
+                self.fetched.append(int(mid))
+                return self._json(found)
             case "GET", ["channels", cid]:
                 cid = int(cid)
                 if cid in (self.general, self.free):

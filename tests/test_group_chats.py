@@ -268,6 +268,22 @@ async def test_discord_reply_to_an_old_bot_message_and_a_quote(dc, dc_fake):
         assert not [t for t in stored if t.author_id == str(dc_fake.admin.id)]
 
 
+async def test_discord_a_reply_whose_payload_lacks_the_quoted_message_fetches_it(dc, dc_fake):
+    async with dc() as (app, adapter, gen):
+        unseen = dc_fake.posted_while_offline(dc_fake.admin, dc_fake.general,
+                                              "the meeting moved to friday")
+        before = len(dc_fake.posts)
+        await dc_fake.send_message(dc_fake.alice, dc_fake.general,
+                                   f"<@{dc_fake.bot.id}> is that true?", mentions=[dc_fake.bot],
+                                   reply_to=unseen, reference_only=True)
+        await dc_fake.wait_posts(before + 1, channel_id=dc_fake.general, timeout=30)
+        assert dc_fake.fetched == [int(unseen["id"])]
+        assert [t.text for t in gen.requests[-1].turns] == ["the meeting moved to friday",
+                                                            "is that true?"]
+        stored = await app.store.recent("discord", str(dc_fake.general), 20)
+        assert not [t for t in stored if t.author_id == str(dc_fake.admin.id)]
+
+
 async def test_discord_talk_all_and_a_thread_inheriting_it(dc, dc_fake):
     async with dc() as (app, adapter, gen):
         await post(dc_fake, dc_fake.alice, "nobody asked you", mention=False,
