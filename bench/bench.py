@@ -21,8 +21,9 @@ option's ratio is taken against its own round's baseline, then the median over r
 - baseline: the model card's loop, `model.generate` on one request after another (cold
   prompts, and the warm workload's first turns);
 - per generator option (torch fp32 one-by-one, batching with and without the oneDNN-packed
-  weights, torch int8, bf16 when the CPU has it, CTranslate2 int8 when installed): 1, 4 and
-  16 channels each sending one request at once: aggregate new tokens/s, p50/p95 latency,
+  weights, batching with float16 keys/values (the default, auto, stores bfloat16 where the
+  CPU has native bf16), torch int8, bf16 when the CPU has it, CTranslate2 int8 when
+  installed): 1, 4 and 16 channels each sending one request at once: aggregate new tokens/s, p50/p95 latency,
   ratio to the baseline's tokens/s; event-loop lag (a 10 ms ticker) during the largest run;
 - batching generators: a 16th request arriving while 15 channels decode (time until its
   prefill starts against one 15-row decode step), and the ceiling: their 16-row decode steps
@@ -190,9 +191,12 @@ OPTIONS = {  # name -> Config overrides
     "torch-fp32-batching": dict(generator_backend="torch", quantize="none", batching=True),
     "torch-fp32-batching-unpacked": dict(generator_backend="torch", quantize="none",
                                          batching=True, pack_weights=False),
+    "torch-fp32-batching-fp16kv": dict(generator_backend="torch", quantize="none",
+                                       batching=True, kv_dtype="float16"),
     "torch-int8": dict(generator_backend="torch", quantize="int8", batching=False),
     "torch-int8-batching": dict(generator_backend="torch", quantize="int8", batching=True),
     "torch-bf16": dict(generator_backend="torch", quantize="bf16", batching=False),
+    "torch-bf16-batching": dict(generator_backend="torch", quantize="bf16", batching=True),
     "ct2-int8": dict(generator_backend="ct2", quantize="int8", batching=False),
 }
 
@@ -209,10 +213,11 @@ def available_options() -> tuple[list[str], dict[str, str]]:
         importlib.util.find_spec("bot.batching") is not None
     if not batching:
         for name in ("torch-fp32-batching", "torch-fp32-batching-unpacked",
-                     "torch-int8-batching"):
+                     "torch-fp32-batching-fp16kv", "torch-int8-batching", "torch-bf16-batching"):
             skipped[name] = "no bot.batching"
     if not cpu_supports_bf16():
         skipped["torch-bf16"] = "CPU has no native bf16"
+        skipped["torch-bf16-batching"] = "CPU has no native bf16"
     if importlib.util.find_spec("ctranslate2") is None:
         skipped["ct2-int8"] = "ctranslate2 not installed (pip install '.[ct2]')"
     return [name for name in OPTIONS if name not in skipped], skipped
@@ -785,7 +790,8 @@ def main() -> int:
             conversations.remove("torch-fp32")  # --quick: cache on/off is what matters
     warm_runs = []
     if args.warm:
-        for name in ("torch-fp32-batching", "torch-int8-batching"):
+        for name in ("torch-fp32-batching", "torch-fp32-batching-fp16kv",
+                     "torch-int8-batching"):
             if name in names:
                 warm_runs.append((name, (16, "auto")))
         if "torch-fp32-batching" in names:

@@ -46,7 +46,7 @@ from bot.errors import GenerationError
 from bot.events import DecodingSettings, GenerationRequest
 from bot.generator import Backend, GenerationWorker, QueuedGenerator, _Job, retry_settings
 from bot.kvcache import ATTENTION, KV_DTYPES, KVLayout, PrefixCache, RowKV, RowsCache, \
-    use_rows_attention
+    kv_dtype_for, use_rows_attention
 from bot.prompt import build_window
 from bot.quality import ReplyRules, earlier_lines
 from bot.sampling import NGramBans, choice_key, choose
@@ -119,7 +119,7 @@ class BatchWorker(GenerationWorker):
 
     def __init__(self, backend: Backend, fallback_reply: str, *, max_batch_size: int = 16,
                  max_wait: float = 0.002, cache_bytes: int | None = 512 * 2**20,
-                 window_step: int = 256, kv_dtype: str = "float16",
+                 window_step: int = 256, kv_dtype: str = "auto",
                  prefill_tokens: int = 512, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None):
         super().__init__(backend, fallback_reply, rules, rankers)
@@ -127,7 +127,10 @@ class BatchWorker(GenerationWorker):
         self.prefill_tokens = prefill_tokens  # most new tokens run in one packed prefill
         self.max_wait = max(0.0, max_wait)
         self.window_step = window_step
-        self.kv_dtype = KV_DTYPES[kv_dtype]
+        if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype: {kv_dtype!r} is not auto, {', '.join(KV_DTYPES)}")
+        self.kv_dtype_name = kv_dtype
+        self.kv_dtype: torch.dtype | None = None  # resolved for the model's device in load()
         self.cache_bytes = cache_bytes  # None: sized from the memory left after loading
         self.prefix = PrefixCache(cache_bytes or 0)
         self.layout: KVLayout | None = None
@@ -142,6 +145,7 @@ class BatchWorker(GenerationWorker):
         super().load()
         model = self.backend.model
         use_rows_attention(model)
+        self.kv_dtype = kv_dtype_for(self.kv_dtype_name, next(model.parameters()).device)
         self.layout = KVLayout.of(model, self.kv_dtype)
         self._scratch = self.layout.scratch(model.get_input_embeddings().weight.dtype)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.layout.device)
@@ -444,12 +448,13 @@ class BatchingGenerator(QueuedGenerator):
 
         BatchingGenerator(TransformersBackend(model_dir), queue_size=64, timeout=120,
                           max_batch_size=16, max_wait_ms=2, kv_cache_mb=None,
-                          kv_dtype="float16", window_step=256)
+                          kv_dtype="auto", window_step=256)
 
     The backend must expose, once loaded, `model` (a transformers GPT-2 causal LM), `encode`,
     `decode`, `eos_token_id` and `n_positions`. `kv_cache_mb=None` sizes the cache from the
     memory left after loading (`bot.memory.default_cache_bytes`), `0` turns reuse off;
-    `kv_dtype` is how keys/values are stored (float16, bfloat16, float32); `window_step=0`
+    `kv_dtype` is how keys/values are stored (auto, float16, bfloat16, float32: see
+    `bot.kvcache.kv_dtype_for`); `window_step=0`
     builds prompts exactly as `QueuedGenerator` does. `rules` and `rankers` are the reply
     rules (candidates per request become rows of the batch). `worker.stats` counts the work
     done, `cache_stats()` the prefix cache's hits and misses.
@@ -458,7 +463,7 @@ class BatchingGenerator(QueuedGenerator):
     def __init__(self, backend: Backend, *, queue_size: int = 64, timeout: float = 120.0,
                  fallback_reply: str = "I'm not sure what to say to that.",
                  max_batch_size: int = 16, max_wait_ms: float = 2.0,
-                 kv_cache_mb: float | None = None, kv_dtype: str = "float16",
+                 kv_cache_mb: float | None = None, kv_dtype: str = "auto",
                  window_step: int = 256, rules: ReplyRules | None = None,
                  rankers: "Ensemble | None" = None, watchdog: float = 1.0):
         worker = BatchWorker(backend, fallback_reply, max_batch_size=max_batch_size,

@@ -15,7 +15,8 @@ that were written: a row of 150 tokens costs 150 tokens of memory, not 1,024.
   "dialogbot_rows") runs each row over its own length: no padding, no mask, no batch-wide
   buffer to rebuild. Keys and values stored in half precision are widened to the model's
   dtype one row at a time in a scratch buffer that stays in the CPU's cache, so a decode step
-  reads half the bytes from memory.
+  reads half the bytes from memory. bfloat16 keys/values on a CPU with native bf16 (or CUDA)
+  skip the widening: attention runs in bf16 on the stored buffers.
 
 `PrefixCache` keeps, per conversation key, the token ids the model saw and the row buffer
 holding their keys/values, least recently used evicted first to stay within a byte bound,
@@ -41,6 +42,20 @@ ANCHOR_TOKENS = 32
 MAX_ANCHORS = 10_000
 KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTENTION = "dialogbot_rows"
+
+
+def kv_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """The storage dtype for DIALOGBOT_KV_DTYPE `name` on `device`. `auto`: bfloat16 where
+    attention can run on bf16 natively (a CPU with AVX512-BF16 / AMX, or CUDA: no widening
+    copy per step), float16 elsewhere (half the bytes, widened to fp32 to attend)."""
+    if name != "auto":
+        return KV_DTYPES[name]
+    native = device.type == "cuda"
+    if device.type == "cpu":
+        from bot.quant import cpu_supports_bf16
+
+        native = cpu_supports_bf16()
+    return torch.bfloat16 if native else torch.float16
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +91,22 @@ class KVLayout:
         return RowKV(torch.empty((self.layers, 2, self.heads, self.capacity, self.head_dim),
                                  dtype=self.dtype, device=self.device))
 
+    def attends_natively(self) -> bool:
+        """bfloat16 keys/values on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA:
+        attention runs in bf16 on the stored buffers (the query is rounded to bf16, scores
+        and softmax accumulate in fp32 inside the kernel), with no widening copy."""
+        if self.dtype != torch.bfloat16:
+            return False
+        if self.device.type == "cuda":
+            return True
+        from bot.quant import cpu_supports_bf16
+
+        return self.device.type == "cpu" and cpu_supports_bf16()
+
     def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The buffer `RowsCache.attend` widens one row's keys/values into (None when the
-        storage dtype is the model's)."""
-        if dtype == self.dtype:
+        storage dtype is the model's, or when attention runs in the storage dtype)."""
+        if dtype == self.dtype or self.attends_natively():
             return None
         return torch.empty((2, self.heads, self.capacity, self.head_dim), dtype=dtype,
                            device=self.device)
@@ -157,10 +184,11 @@ class RowsCache(Cache):
             if n > 1:
                 mask = torch.ones((n, end), dtype=torch.bool, device=query.device).tril(start)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                query[b:b + 1, :, offset:offset + n], kv[0:1], kv[1:2], attn_mask=mask,
-                scale=scaling))
+                query[b:b + 1, :, offset:offset + n].to(kv.dtype), kv[0:1], kv[1:2],
+                attn_mask=mask, scale=scaling))
         self._new = None
-        return torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
+        out = torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
+        return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

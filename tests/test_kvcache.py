@@ -354,17 +354,21 @@ async def test_every_turn_equals_generate_across_window_slides_and_evictions(
     assert len(tok.encode("a says 1: do you like trains?")) > 8
 
 
+@pytest.mark.parametrize("half, bound", [
+    ("float16", 2e-3),  # 11 significant bits, widened to fp32 for attention
+    ("bfloat16", 2e-2),  # 8 significant bits; on a CPU with native bf16 attention runs in bf16
+])
 async def test_half_precision_keys_and_values_give_the_fp32_replies_over_30_turns(
-        tiny_model_dir):
-    """The same 30-turn conversation (the fp32 replies fed back to both) through float16 and
+        tiny_model_dir, half, bound):
+    """The same 30-turn conversation (the fp32 replies fed back to both) through half and
     float32 storage: the greedy replies are the same; the first-token logits stay within
-    2e-3 of each other (float16 keeps 11 significant bits)."""
+    `bound` of each other."""
     gens = {}
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", half):
         gens[dtype] = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
                                         kv_dtype=dtype)
         await gens[dtype].start()
-    logits: dict[str, list[torch.Tensor]] = {"float32": [], "float16": []}
+    logits: dict[str, list[torch.Tensor]] = {"float32": [], half: []}
     for dtype, gen in gens.items():
         real = gen.worker._choose
         gen.worker._choose = lambda rows, scores, real=real, seen=logits[dtype]: (
@@ -378,19 +382,18 @@ async def test_half_precision_keys_and_values_give_the_fp32_replies_over_30_turn
             history.append(user(f"turn {turn}: what do you think about {turn * 7} trains?"))
             full = await gens["float32"].reply(GenerationRequest("c:1", tuple(history),
                                                                  settings))
-            half = await gens["float16"].reply(GenerationRequest("c:1", tuple(history),
-                                                                 settings))
-            if half.token_ids != full.token_ids:
+            other = await gens[half].reply(GenerationRequest("c:1", tuple(history),
+                                                             settings))
+            if other.token_ids != full.token_ids:
                 differ.append(turn)
             history.append(Turn("console", "c", Role.BOT, full.text, token_ids=full.token_ids))
-        assert gens["float16"].cache_stats().hits >= 25  # the half cache was reused
+        assert gens[half].cache_stats().hits >= 25  # the half cache was reused
     finally:
         for gen in gens.values():
             await gen.stop()
     assert differ == []
-    worst = max(float((a - b).abs().max()) for a, b in zip(logits["float32"],
-                                                           logits["float16"]))
-    assert 0 < worst < 2e-3, worst
+    worst = max(float((a - b).abs().max()) for a, b in zip(logits["float32"], logits[half]))
+    assert 0 < worst < bound, worst
 
 
 async def test_the_cache_hit_rate_is_exported_to_prometheus(make_config):
@@ -414,3 +417,38 @@ async def test_the_cache_hit_rate_is_exported_to_prometheus(make_config):
     assert samples[("dialogbot_kv_cache_lookups_total", "miss")] == 1
     assert samples[("dialogbot_kv_cache_lookups_total", "hit")] == 2
     assert samples[("dialogbot_kv_cache_bytes", None)] > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_auto_keys_and_values_are_bf16_attended_natively_only_on_a_bf16_cpu(
+        batcher, monkeypatch, native):
+    """`auto` stores bfloat16 and attends on it directly (no widening scratch) where the CPU
+    has native bf16, float16 widened to fp32 elsewhere; either way the greedy reply equals
+    the fp32 cache's."""
+    import bot.quant
+
+    monkeypatch.setattr(bot.quant, "cpu_supports_bf16", lambda: native)
+    full = await batcher(kv_dtype="float32")
+    auto = await batcher(kv_dtype="auto")
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.dtype, key.dtype))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    request = GenerationRequest("c:1", (user("do you like trains?"),), GREEDY)
+    expected = await full.reply(request)
+    seen.clear()
+    got = await auto.reply(request)
+    assert got.token_ids == expected.token_ids
+    worker = auto.worker
+    if native:
+        assert worker.kv_dtype == torch.bfloat16 and worker._scratch is None
+        assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    else:
+        assert worker.kv_dtype == torch.float16 and worker._scratch is not None
+        assert set(seen) == {(torch.float32, torch.float32)}
+    assert worker.prefix.stats().entries == 1
+    assert next(iter(worker.prefix._entries.values())).row.buf.dtype == worker.kv_dtype
