@@ -3,8 +3,9 @@
 Layout. Every sequence the worker decodes (a row) owns one buffer `[layers, 2, heads,
 capacity, head_dim]` (`RowKV`; capacity = the model's positions) in the storage dtype
 (DIALOGBOT_KV_DTYPE: float16 by default, float32 for bit-exact parity with `generate`). The
-buffer is allocated with `torch.empty`, so on a CPU the operating system backs only the pages
-that were written: a row of 150 tokens costs 150 tokens of memory, not 1,024.
+buffer is allocated with `torch.empty` and advised to stay at small pages (transparent huge
+pages would make whole 2 MiB regions resident), so on a CPU the operating system backs only
+the pages that were written: a row of 150 tokens costs 150 tokens of memory, not 1,024.
 
 - A row joins: its prefill writes its own new tokens into its own buffer, the buffer the
   conversation's previous turn left in the prefix cache when there is one. Nothing else is
@@ -88,8 +89,9 @@ class KVLayout:
         return self.capacity * self.token_bytes
 
     def new_row(self) -> "RowKV":
-        return RowKV(torch.empty((self.layers, 2, self.heads, self.capacity, self.head_dim),
-                                 dtype=self.dtype, device=self.device))
+        return RowKV(_row_buffer(torch.empty(
+            (self.layers, 2, self.heads, self.capacity, self.head_dim), dtype=self.dtype,
+            device=self.device)))
 
     def attends_natively(self) -> bool:
         """bfloat16 keys/values on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA:
@@ -112,6 +114,15 @@ class KVLayout:
                            device=self.device)
 
 
+def _row_buffer(buf: torch.Tensor) -> torch.Tensor:
+    """A fresh row buffer, kept at small pages so only the written tokens are resident
+    (`bot.memory.no_huge_pages`)."""
+    from bot.memory import no_huge_pages
+
+    no_huge_pages(buf)
+    return buf
+
+
 class RowKV:
     """One sequence's keys/values; the first `length` positions are filled."""
 
@@ -123,7 +134,7 @@ class RowKV:
 
     def copy(self, n: int) -> "RowKV":
         """A new row holding this row's first `n` positions (a candidate's own copy)."""
-        other = RowKV(torch.empty_like(self.buf))
+        other = RowKV(_row_buffer(torch.empty_like(self.buf)))
         other.buf[:, :, :, :n] = self.buf[:, :, :, :n]
         other.length = n
         return other

@@ -10,6 +10,11 @@
   releasing one layer at a time keeps a single copy of the weights in memory.
 - `release_freed_memory()`: returns freed heap memory to the operating system (glibc
   `malloc_trim`) after loading.
+- `no_huge_pages(tensor)`: a key/value row buffer is allocated for the model's whole window
+  and only the pages its tokens are written to become resident. Where transparent huge pages
+  are "always" on, touching one byte of a 2 MiB region makes all of it resident, so every
+  cached conversation would cost its full window; `madvise(MADV_NOHUGEPAGE)` keeps such
+  buffers at 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15
+HUGE_PAGE = 2 * 2**20
 MIN_CACHE_BYTES = 64 * 2**20
 UNKNOWN_CACHE_BYTES = 512 * 2**20
 
@@ -117,22 +124,41 @@ class FileMappings:
         return i >= 0 and self.ranges[i][1] >= end
 
 
-def drop_file_pages(tensor, mappings: FileMappings | None) -> int:
-    """Drop the resident pages of `tensor`'s memory when it lies in a file mapping (the
-    checkpoint); returns the bytes advised. Anonymous memory is never touched."""
+def _advise(start: int, end: int, advice: int) -> int:
+    """madvise the whole pages inside [start, end); returns the bytes advised (0 on failure)."""
     madvise = getattr(_LIBC, "madvise", None)
-    if madvise is None or mappings is None or tensor is None or tensor.device.type != "cpu":
-        return 0
-    start = tensor.data_ptr()  # a contiguous tensor or a transpose of one: [start, end)
-    end = start + tensor.numel() * tensor.element_size()
-    if not mappings.contains(start, end):
+    if madvise is None:
         return 0
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last <= first:
         return 0
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if madvise(first, last - first, MADV_DONTNEED) != 0:
+    if madvise(first, last - first, advice) != 0:
         log.debug("madvise failed: %s", os.strerror(ctypes.get_errno()))
         return 0
     return last - first
+
+
+def no_huge_pages(tensor) -> int:
+    """Keep `tensor`'s memory (a CPU buffer of at least a huge page) at small pages; returns
+    the bytes advised."""
+    if tensor.device.type != "cpu":
+        return 0
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < HUGE_PAGE:
+        return 0
+    start = tensor.data_ptr()
+    return _advise(start, start + nbytes, MADV_NOHUGEPAGE)
+
+
+def drop_file_pages(tensor, mappings: FileMappings | None) -> int:
+    """Drop the resident pages of `tensor`'s memory when it lies in a file mapping (the
+    checkpoint); returns the bytes advised. Anonymous memory is never touched."""
+    if mappings is None or tensor is None or tensor.device.type != "cpu":
+        return 0
+    start = tensor.data_ptr()  # a contiguous tensor or a transpose of one: [start, end)
+    end = start + tensor.numel() * tensor.element_size()
+    if not mappings.contains(start, end):
+        return 0
+    return _advise(start, end, MADV_DONTNEED)
