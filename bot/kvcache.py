@@ -2,7 +2,8 @@
 
 Layout. Every sequence the worker decodes (a row) owns one buffer `[layers, 2, heads,
 capacity, head_dim]` (`RowKV`; capacity = the model's positions) in the storage dtype
-(DIALOGBOT_KV_DTYPE: float16 by default, float32 for bit-exact parity with `generate`). The
+(DIALOGBOT_KV_DTYPE: `auto` by default, see `kv_dtype_for`; float32 for bit-exact parity
+with `generate`). The
 buffer is allocated with `torch.empty` and advised to stay at small pages (transparent huge
 pages would make whole 2 MiB regions resident), so on a CPU the operating system backs only
 the pages that were written: a row of 150 tokens costs 150 tokens of memory, not 1,024.
@@ -45,18 +46,22 @@ KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": to
 ATTENTION = "dialogbot_rows"
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True when `device` runs bf16 math natively: CUDA, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return True
+    from bot.quant import cpu_supports_bf16
+
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
 def kv_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """The storage dtype for DIALOGBOT_KV_DTYPE `name` on `device`. `auto`: bfloat16 where
-    attention can run on bf16 natively (a CPU with AVX512-BF16 / AMX, or CUDA: no widening
-    copy per step), float16 elsewhere (half the bytes, widened to fp32 to attend)."""
+    attention can run on bf16 natively (no widening copy per step), float16 elsewhere (half
+    the bytes, widened to fp32 to attend)."""
     if name != "auto":
         return KV_DTYPES[name]
-    native = device.type == "cuda"
-    if device.type == "cpu":
-        from bot.quant import cpu_supports_bf16
-
-        native = cpu_supports_bf16()
-    return torch.bfloat16 if native else torch.float16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +102,7 @@ class KVLayout:
         """bfloat16 keys/values on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA:
         attention runs in bf16 on the stored buffers (the query is rounded to bf16, scores
         and softmax accumulate in fp32 inside the kernel), with no widening copy."""
-        if self.dtype != torch.bfloat16:
-            return False
-        if self.device.type == "cuda":
-            return True
-        from bot.quant import cpu_supports_bf16
-
-        return self.device.type == "cpu" and cpu_supports_bf16()
+        return self.dtype == torch.bfloat16 and native_bf16(self.device)
 
     def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The buffer `RowsCache.attend` widens one row's keys/values into (None when the

@@ -4,6 +4,8 @@ the stepped prompt window that keeps a channel's prefix stable."""
 from __future__ import annotations
 
 import asyncio
+import mmap
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,8 +458,6 @@ async def test_auto_keys_and_values_are_bf16_attended_natively_only_on_a_bf16_cp
 
 def _vma_of(address: int) -> dict[str, str]:
     """The /proc/self/smaps entry of the mapping that holds `address` (with its range)."""
-    from pathlib import Path
-
     entry: dict[str, str] | None = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         first = line.split()[0] if line.split() else ""
@@ -472,28 +472,29 @@ def _vma_of(address: int) -> dict[str, str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux")
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux")
 def test_a_row_buffer_stays_at_small_pages_and_holds_only_its_written_tokens():
     """A DialoGPT-medium row buffer (the whole window, ~100 MB) is advised against huge pages
     (where THP is "always", one touched byte would make 2 MiB resident), and writing 150
     tokens makes about 150 tokens' worth resident."""
-    import mmap
-
     from bot.kvcache import KVLayout
 
+    page = mmap.PAGESIZE
     layout = KVLayout(layers=24, heads=16, head_dim=64, capacity=1024, dtype=torch.bfloat16,
                       device=torch.device("cpu"))
     rows = [layout.new_row()]
     rows.append(rows[0].copy(0))  # a candidate's copy is advised too
+    mappings = []
     for row in rows:
         start = row.buf.data_ptr()
         end = start + row.buf.numel() * row.buf.element_size()
-        inside = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # the first whole page
+        inside = -(-start // page) * page  # the buffer's first whole page
         vma = _vma_of(inside)
         assert "nh" in vma["VmFlags"].split()  # MADV_NOHUGEPAGE
         assert int(vma["start"]) == inside
-        assert int(vma["end"]) >= end // mmap.PAGESIZE * mmap.PAGESIZE
+        assert int(vma["end"]) >= end // page * page
+        mappings.append(inside)
     rows[0].buf[:, :, :, :150] = 1
-    vma = _vma_of(-(-rows[0].buf.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE)
+    vma = _vma_of(mappings[0])
     resident = int(vma["Rss"].split()[0]) * 1024
     assert resident <= layout.resident_bytes(150) * 1.3, (resident, layout.resident_bytes(150))
