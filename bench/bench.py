@@ -455,6 +455,9 @@ async def run_option(args) -> dict:
         if stats is not None and hasattr(stats, "reused_tokens"):
             result["reused_tokens"] = stats.reused_tokens
             result["prefill_tokens"] = stats.prefill_tokens
+        if hasattr(generator, "cache_stats"):  # keys/values the prefix cache holds now
+            result["kv_cache_mb"] = generator.cache_stats().bytes_used / 2**20
+            result["end_rss_mb"] = rss_mb()
         if result.get("ceiling", {}).get("bot_step_ms"):
             from workloads import bare_ceiling
 
@@ -644,7 +647,8 @@ def warm_table(report: dict) -> list[str]:
              f"model-card loop on the same turns: {fmt(base.get('warm_tokens_per_s'), '.1f')} "
              f"tokens/s (prompts {base.get('warm_prompt_min')}-{base.get('warm_prompt_max')})",
              "", "| option | channels | KV budget | tokens/s | x model-card loop | p50 s | p95 s "
-             "| cache hit rate | 16-row step ms | peak RSS MB |", "|" + "---|" * 10]
+             "| cache hit rate | 16-row step ms | a round: prefill tokens, s + decode s | peak RSS "
+             "MB |", "|" + "---|" * 11]
     for label, result in warm.items():
         row = result.get("warm")
         if not row:
@@ -658,7 +662,8 @@ def warm_table(report: dict) -> list[str]:
         lines.append(f"| {name} | {channels} | {budget} | {row['tokens_per_s']:.1f} | "
                      f"{fmt(ratio)} | {row['p50_s']:.2f} | {row['p95_s']:.2f} | "
                      f"{row['hit_rate']:.2f} | {fmt(row.get('step16_ms'), '.0f')} | "
-                     f"{fmt(result.get('peak_rss_mb'), '.0f')} |")
+                     f"{fmt(row.get('prefill_tokens'), '.0f')}, {fmt(row.get('prefill_s'))} + "
+                     f"{fmt(row.get('decode_s'))} | {fmt(result.get('peak_rss_mb'), '.0f')} |")
     return lines
 
 
@@ -694,17 +699,20 @@ def ceiling_table(report: dict) -> list[str]:
 def memory_table(report: dict) -> list[str]:
     base = report["baseline"].get("peak_rss_mb")
     lines = ["", "Memory (each option in its own process): resident after loading the model, "
-             "and the peak over the whole run (caches included)", "",
+             "the peak over the whole run (caches included), and at its end the RSS and the "
+             "keys/values the prefix cache holds", "",
              "| option | RSS after load MB | peak during load MB | peak RSS MB | peak / model-card "
-             "loop's peak |", "|---|---|---|---|---|",
-             f"| model-card loop | - | - | {fmt(base, '.0f')} | 1.00 |"]
+             "loop's peak | RSS at the end MB | of which KV cache MB |", "|" + "---|" * 7,
+             f"| model-card loop | - | - | {fmt(base, '.0f')} | 1.00 | | |"]
     for name, result in [*report["options"].items(), *(report.get("warm") or {}).items()]:
         if "error" in result or not result.get("peak_rss_mb"):
             continue
         ratio = result["peak_rss_mb"] / base if base else None
         lines.append(f"| {name.replace(' | ', ', ')} | {fmt(result.get('load_rss_mb'), '.0f')} | "
                      f"{fmt(result.get('load_peak_rss_mb'), '.0f')} | "
-                     f"{result['peak_rss_mb']:.0f} | {fmt(ratio)} |")
+                     f"{result['peak_rss_mb']:.0f} | {fmt(ratio)} | "
+                     f"{fmt(result.get('end_rss_mb'), '.0f')} | "
+                     f"{fmt(result.get('kv_cache_mb'), '.0f')} |")
     return lines
 
 

@@ -88,6 +88,8 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
                            for k, t in zip(keys, turns)])
     before = generator.cache_stats()
     stats = generator.worker.stats
+    counters = (stats.prefill_tokens, stats.prefill_seconds, stats.reused_tokens,
+                stats.decode_steps, stats.decode_seconds)
     latencies: list[float] = []
     prompt_tokens: list[int] = []
     wall = 0.0
@@ -121,7 +123,14 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
                 prompt_min=min(prompt_tokens), prompt_max=max(prompt_tokens),
                 step16_ms=1000 * statistics.median(full) if full else None,
                 decode16_tokens_per_s=16 / statistics.median(full) if full else None,
-                last_prompts=prompt_tokens[-min(16, channels):])
+                last_prompts=prompt_tokens[-min(16, channels):],
+                # where the rounds' time went, per round
+                prefill_tokens=(stats.prefill_tokens - counters[0]) / rounds,
+                prefill_s=(stats.prefill_seconds - counters[1]) / rounds,
+                reused_tokens=(stats.reused_tokens - counters[2]) / rounds,
+                decode_steps=(stats.decode_steps - counters[3]) / rounds,
+                decode_s=(stats.decode_seconds - counters[4]) / rounds,
+                round_s=wall / rounds)
 
 
 def bare_ceiling(model, lengths: list[int], steps: int = 12) -> dict:

@@ -23,8 +23,6 @@ Loading and unloading:
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import itertools
 import logging
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING
 from bot.characters import Cast, check_cast
 from bot.errors import BusyError, GenerationError, GenerationTimeout
 from bot.events import Generated, GenerationRequest
+from bot.memory import release_freed_memory
 from bot.metrics import Metrics
 from bot.ports import Generator
 
@@ -292,11 +291,7 @@ def release_memory() -> None:
     """Give freed model memory back to the system: collect cycles, then ask glibc to return
     free heap pages (freed tensors below its mmap threshold stay in the heap otherwise)."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
+    release_freed_memory()
 
 
 async def _stop_quietly(generator: Generator) -> None:

@@ -227,6 +227,31 @@ async def test_timeout_drops_the_request_from_the_batch_and_others_finish(batche
     assert not gen.worker._rows
 
 
+async def test_freed_heap_memory_goes_back_every_32_steps_and_when_the_batch_empties(
+        batcher, monkeypatch):
+    """glibc keeps the heap the steps' temporaries leave free; the worker returns it to the
+    operating system every 32 decode steps of a burst and once when the batch runs empty,
+    not at every step."""
+    calls: list[int] = []
+    gen = await batcher()
+    stats = gen.worker.stats
+    monkeypatch.setattr("bot.batching.release_freed_memory",
+                        lambda: calls.append(stats.decode_steps))
+    for new_tokens in (5, 75):
+        before, released = stats.decode_steps, len(calls)
+        settings = replace(GREEDY, max_new_tokens=new_tokens)
+        await gen.reply(request("again and again " * 3, settings))
+        steps = stats.decode_steps - before
+        for _ in range(200):  # the last one follows the reply, in the worker thread
+            if len(calls) > released + steps // 32:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # and nothing more comes
+        periodic = [before + 32 * i for i in range(1, steps // 32 + 1)]
+        assert calls[released:] == periodic + [before + steps], (new_tokens, steps)
+    assert steps >= 64  # the long reply crossed the periodic release twice
+
+
 async def test_full_queue_raises_busy(batcher):
     gen = await batcher(queue_size=1)
     first = asyncio.create_task(gen.reply(request("hello", GREEDY, "a")))
