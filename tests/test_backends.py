@@ -138,6 +138,33 @@ def test_conv1d_to_linear_keeps_the_model_exact(never_eos_dir):
     assert torch.allclose(before, after, atol=1e-5)
 
 
+def test_gelu_in_place_is_bit_identical_and_leaves_training_to_autograd(never_eos_dir):
+    """The served model's activation runs in place: the logits are bit-identical to the
+    model as transformers builds it; with autograd recording (training) it computes as
+    written, so gradients are the same too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from bot.quant import gelu_in_place
+
+    ids = torch.tensor([[15496, 995, EOS, 40, 716, 257, 3797, 13] * 8])
+    plain = AutoModelForCausalLM.from_pretrained(never_eos_dir).eval()
+    served = AutoModelForCausalLM.from_pretrained(never_eos_dir).eval()
+    assert gelu_in_place(served) == served.config.n_layer
+    assert not any(isinstance(m, NewGELUActivation) for m in served.modules())
+    with torch.inference_mode():
+        assert torch.equal(plain(ids).logits, served(ids).logits)
+        x = torch.randn(64, 4096) * 4
+        assert torch.equal(NewGELUActivation()(x), served.transformer.h[0].mlp.act(x))
+    grads = []
+    for model in (plain, served):
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.transformer.h[0].mlp.c_fc.weight.grad)
+    assert torch.equal(*grads)
+
+
 def test_int8_model_is_quantized(never_eos_dir):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 

@@ -1,0 +1,121 @@
+"""A/B measurements of two memory/speed details of the batching generator, each side by side
+in one sitting (this host's speed drifts between runs):
+
+- `heap`: the cold workload of `bench.py` (1, 4 and 16 channels, a 16th joining 15) in its own
+  process, with the worker returning freed heap memory to the OS (every 32 decode steps and
+  when the batch empties: `BatchWorker._release`) and without: RSS at the end, peak RSS,
+  16-channel tokens/s.
+- `gelu`: 16 cold prompts (60-200 tokens) prefilled in packed forwards of <= 512 tokens with
+  GPT-2's activation as transformers writes it and in place (`bot.quant.gelu_in_place`,
+  bit-identical), alternating, in one process: ms per prompt token.
+
+    .venv/bin/python bench/bench_ab.py [heap] [gelu] [--size medium] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def heap(args) -> None:
+    from bench import model_dir
+
+    folder = model_dir(args.size, args.cache)
+    print("| option | returns freed memory | RSS at the end MB | peak RSS MB | KV cache MB | "
+          "16 channels tokens/s |\n|---|---|---|---|---|---|")
+    for option in ("torch-fp32-batching", "torch-int8-batching"):
+        for release in ("no", "yes"):
+            out = Path(tempfile.mkstemp(suffix=".json")[1])
+            subprocess.run([sys.executable, __file__, "--wrap", release, "--worker", option,
+                            "--mode", "throughput", "--model-dir", str(folder), "--runs", "1",
+                            "--out", str(out), "--no-warm"], check=True, capture_output=True)
+            r = json.loads(out.read_text())
+            out.unlink()
+            print(f"| {option} | {release} | {r['end_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['kv_cache_mb']:.0f} | {r['c16']['tokens_per_s']:.1f} |", flush=True)
+
+
+def gelu(args) -> None:
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    from bench import model_dir
+    from bot.batching import BatchWorker
+    from bot.hf import TransformersBackend
+    from bot.quant import _gelu_class
+
+    backend = TransformersBackend(str(model_dir(args.size, args.cache)))
+    worker = BatchWorker(backend, "-", cache_bytes=2**30)
+    worker.load()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(300, 40000) for _ in range(rng.randint(60, 200))]
+               for _ in range(16)]
+    packs, pack = [], []
+    for prompt in prompts:
+        if pack and sum(map(len, pack)) + len(prompt) > 512:
+            packs.append(pack)
+            pack = []
+        pack.append(prompt)
+    packs.append(pack)
+    total = sum(map(len, prompts))
+    kinds = {"as written": NewGELUActivation, "in place": _gelu_class()}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    with torch.inference_mode():
+        for _ in range(args.rounds + 1):  # the first round warms up
+            for kind, cls in kinds.items():
+                for block in backend.model.transformer.h:
+                    block.mlp.act = cls()
+                started = time.perf_counter()
+                for pack in packs:
+                    worker._forward([worker.layout.new_row() for _ in pack], [0] * len(pack),
+                                    pack, packed=True)
+                times[kind].append(1000 * (time.perf_counter() - started) / total)
+    print(f"\n16 cold prompts, {total} tokens, {len(packs)} packed forwards; ms a prompt token, "
+          f"median of {args.rounds} alternating rounds\n\n| activation | ms/token | rounds |\n"
+          "|---|---|---|")
+    for kind, values in times.items():
+        values = sorted(values[1:])
+        print(f"| {kind} | {values[len(values) // 2]:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in values)} |")
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--wrap":  # a bench.py worker, release on/off
+        release = sys.argv[2] == "yes"
+        sys.argv = [str(HERE / "bench.py"), *sys.argv[3:]]
+        if not release:
+            import bot.batching
+
+            bot.batching.release_freed_memory = lambda: None
+        runpy.run_path(str(HERE / "bench.py"), run_name="__main__")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="*", help="heap, gelu or both (the default)")
+    parser.add_argument("--size", default="medium", choices=("small", "medium", "tiny"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "dialogbot-bench")
+    args = parser.parse_args()
+    if set(args.what) - {"heap", "gelu"}:
+        parser.error(f"unknown A/B: {', '.join(sorted(set(args.what) - {'heap', 'gelu'}))}")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for what in args.what or ["heap", "gelu"]:
+        {"heap": heap, "gelu": gelu}[what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
