@@ -26,11 +26,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # throughput, latency and memory of every generator option on the DialoGPT-medium shape (the
-# bot's default model), then on the small shape; what reply quality costs; how long fetching a
-# group message's context takes in a busy channel; training speed; what a second character costs
+# bot's default model), then on the small shape; two A/Bs (heap release, activation in place);
+# what reply quality costs; how long fetching a group message's context takes in a busy
+# channel; training speed; what a second character costs
 bench: $(STAMP)
 	$(PY) bench/bench.py --size medium --json bench/results/medium.json $(ARGS)
 	$(PY) bench/bench.py --size small --json bench/results/small.json $(ARGS)
+	$(PY) bench/bench_ab.py --size medium
 	$(PY) bench/bench_quality.py --lm-shape small --ranker-shape medium --new-tokens 40 $(QUALITY_ARGS)
 	$(PY) bench/bench_context.py --json bench/results/context.json
 	$(PY) bench/bench_train.py $(TRAIN_ARGS)
