@@ -17,8 +17,8 @@ model is loaded and moved to its device:
 - `bf16`: `model.to(torch.bfloat16)` on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA.
 - `fp16`: CUDA only.
 - Every precision: GPT-2's activation runs in place (`gelu_in_place`): the same operations in
-  the same order as transformers' `NewGELUActivation` (bit-identical), without its five
-  temporaries, which cost a fifth of a long prefill on a CPU.
+  the same order as transformers' `NewGELUActivation` (bit-identical), without five of its
+  seven full-size temporaries.
 
 Memory: `from_pretrained` leaves every weight a view of the memory-mapped checkpoint.
 Each layer is converted on its own and the checkpoint pages of the original are dropped
@@ -221,10 +221,11 @@ def _gelu_class():
 
     class InPlaceGELU(nn.Module):
         """GPT-2's `gelu_new` (transformers' `NewGELUActivation`), the same operations in the
-        same order, so bit-identical, but evaluated in two buffers instead of seven: on a
-        512-token prefill of DialoGPT-medium the activation took 14.2 ms a layer as written
-        (each temporary a fresh 8 MB allocation) and 2.9 ms so. Falls back to the written
-        form when autograd records (training)."""
+        same order, so bit-identical, but evaluated in two buffers instead of seven. Alone, a
+        [512, 4096] activation (one layer of a 512-token DialoGPT-medium prefill) took 14.2 ms
+        as written and 2.9 ms so; inside a whole prefill the gain measured 0-5%
+        (`bench/bench_ab.py gelu`). Falls back to the written form when autograd records
+        (training)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.requires_grad and torch.is_grad_enabled():
