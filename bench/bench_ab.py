@@ -3,7 +3,7 @@ in one sitting (this host's speed drifts between runs):
 
 - `heap`: the cold workload of `bench.py` (1, 4 and 16 channels, a 16th joining 15) in its own
   process, with the worker returning freed heap memory to the OS (every 32 decode steps and
-  when the batch empties: `BatchWorker._release`) and without: RSS at the end, peak RSS,
+  when the batch empties: `bot.batching.RELEASE_EVERY`) and without: RSS at the end, peak RSS,
   16-channel tokens/s.
 - `gelu`: 16 cold prompts (60-200 tokens) prefilled in packed forwards of <= 512 tokens with
   GPT-2's activation as transformers writes it and in place (`bot.quant.gelu_in_place`,

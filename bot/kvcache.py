@@ -40,6 +40,8 @@ from transformers import AttentionInterface, Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from bot.memory import no_huge_pages
+
 ANCHOR_TOKENS = 32
 MAX_ANCHORS = 10_000
 KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -116,8 +118,6 @@ class KVLayout:
 def _row_buffer(buf: torch.Tensor) -> torch.Tensor:
     """A fresh row buffer, kept at small pages so only the written tokens are resident
     (`bot.memory.no_huge_pages`)."""
-    from bot.memory import no_huge_pages
-
     no_huge_pages(buf)
     return buf
 
