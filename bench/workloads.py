@@ -130,7 +130,9 @@ async def warm_run(generator, tokenizer, settings, checker, *, channels: int, ro
                 reused_tokens=(stats.reused_tokens - counters[2]) / rounds,
                 decode_steps=(stats.decode_steps - counters[3]) / rounds,
                 decode_s=(stats.decode_seconds - counters[4]) / rounds,
-                round_s=wall / rounds)
+                round_s=wall / rounds,
+                steps=[(rows, round(1000 * seconds, 1)) for started, rows, seconds in stats.steps
+                       if started >= first_started])
 
 
 def bare_ceiling(model, lengths: list[int], steps: int = 12) -> dict:

@@ -37,7 +37,7 @@ import logging
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,8 +152,10 @@ class BatchWorker(GenerationWorker):
         super().load()
         model = self.backend.model
         use_rows_attention(model)
-        self.kv_dtype = kv_dtype_for(self.kv_dtype_name, next(model.parameters()).device)
-        self.layout = KVLayout.of(model, self.kv_dtype)
+        self.layout = KVLayout.of(model)
+        self.kv_dtype = kv_dtype_for(self.kv_dtype_name, self.layout.device, self.layout.heads,
+                                     self.layout.head_dim)
+        self.layout = replace(self.layout, dtype=self.kv_dtype)
         self._scratch = self.layout.scratch(model.get_input_embeddings().weight.dtype)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.layout.device)
         if self.cache_bytes is None:

@@ -148,7 +148,7 @@ async def test_telegram_chains_survive_a_restart(tg, tg_fake):
 
 
 async def test_telegram_a_reply_to_the_second_part_of_a_split_reply_continues_it(tg, tg_fake):
-    long = dict(do_sample=True, temperature=5.0, top_k=0, top_p=1.0, max_new_tokens=48)
+    long = dict(do_sample=True, temperature=5.0, top_k=0, top_p=1.0, max_new_tokens=24)
     async with tg(**long) as (app, adapter, gen):
         adapter.max_message_length = 40  # the reply goes out in several parts
         await say(tg_fake, f"{MENTION} tell me a long story", ALICE)

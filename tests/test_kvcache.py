@@ -356,20 +356,23 @@ async def test_every_turn_equals_generate_across_window_slides_and_evictions(
     assert len(tok.encode("a says 1: do you like trains?")) > 8
 
 
-@pytest.mark.parametrize("half, bound", [
-    ("float16", 2e-3),  # 11 significant bits, widened to fp32 for attention
-    ("bfloat16", 2e-2),  # 8 significant bits; on a CPU with native bf16 attention runs in bf16
+@pytest.mark.parametrize("half, bound, in_bf16", [
+    ("float16", 2e-3, False),  # 11 significant bits, widened to fp32 for attention
+    ("bfloat16", 2e-2, False),  # 8 significant bits, widened
+    ("bfloat16", 2e-2, True),  # attended in bf16 (where that measures faster)
 ])
 async def test_half_precision_keys_and_values_give_the_fp32_replies_over_30_turns(
-        tiny_model_dir, half, bound):
+        tiny_model_dir, measured_bf16, half, bound, in_bf16):
     """The same 30-turn conversation (the fp32 replies fed back to both) through half and
     float32 storage: the greedy replies are the same; the first-token logits stay within
     `bound` of each other."""
+    measured_bf16(True, (1e-4, 2e-4) if in_bf16 else (2e-4, 1e-4))
     gens = {}
     for dtype in ("float32", half):
         gens[dtype] = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
                                         kv_dtype=dtype)
         await gens[dtype].start()
+    assert (gens[half].worker._scratch is None) == in_bf16  # the attention path under test
     logits: dict[str, list[torch.Tensor]] = {"float32": [], half: []}
     for dtype, gen in gens.items():
         real = gen.worker._choose
@@ -421,17 +424,42 @@ async def test_the_cache_hit_rate_is_exported_to_prometheus(make_config):
     assert samples[("dialogbot_kv_cache_bytes", None)] > 0
 
 
-@pytest.mark.parametrize("native", [True, False])
-async def test_auto_keys_and_values_are_bf16_attended_natively_only_on_a_bf16_cpu(
-        batcher, monkeypatch, native):
-    """`auto` stores bfloat16 and attends on it directly (no widening scratch) where the CPU
-    has native bf16, float16 widened to fp32 elsewhere; either way the greedy reply equals
-    the fp32 cache's."""
+@pytest.fixture
+def measured_bf16(monkeypatch):
+    """Make this CPU look like one with (or without) native bf16 whose bf16 attention
+    measures (native, widened) seconds; the per-process decision is recomputed."""
     import bot.quant
+    from bot import kvcache
 
-    monkeypatch.setattr(bot.quant, "cpu_supports_bf16", lambda: native)
+    def pretend(native: bool, timings: tuple[float, float] = (1.0, 1.0)):
+        monkeypatch.setattr(bot.quant, "cpu_supports_bf16", lambda: native)
+        monkeypatch.setattr(kvcache, "time_attention", lambda heads, head_dim: timings)
+        kvcache.bf16_attention_pays.cache_clear()
+
+    yield pretend
+    kvcache.bf16_attention_pays.cache_clear()
+
+
+@pytest.mark.parametrize("kv_dtype, native, timings, stored, attends", [
+    # AVX512-BF16 + AMX: bf16 attention measured faster -> stored bf16, attended in bf16
+    ("auto", True, (1e-4, 2e-4), torch.bfloat16, torch.bfloat16),
+    # AVX512-BF16 without AMX (AMD EPYC here: 449 vs 111 us) -> float16 widened to fp32
+    ("auto", True, (4.5e-4, 1.1e-4), torch.float16, torch.float32),
+    ("auto", True, (1.0e-4, 1.05e-4), torch.float16, torch.float32),  # not 10% faster: widen
+    ("auto", False, (1e-4, 2e-4), torch.float16, torch.float32),  # no native bf16: no timing
+    # asked for bfloat16: stored as asked, attended the faster way
+    ("bfloat16", True, (4.5e-4, 1.1e-4), torch.bfloat16, torch.float32),
+    ("bfloat16", True, (1e-4, 2e-4), torch.bfloat16, torch.bfloat16),
+])
+async def test_keys_and_values_are_attended_in_bf16_only_where_that_measures_faster(
+        batcher, monkeypatch, measured_bf16, kv_dtype, native, timings, stored, attends):
+    """`auto` stores bfloat16 and attends on it directly (no widening scratch) only where
+    the CPU has native bf16 AND bf16 attention measures at least 10% faster than widening
+    to fp32; float16 widened to fp32 elsewhere. Either way the greedy reply equals the fp32
+    cache's and the kept buffer has the stored dtype."""
+    measured_bf16(native, timings)
     full = await batcher(kv_dtype="float32")
-    auto = await batcher(kv_dtype="auto")
+    gen = await batcher(kv_dtype=kv_dtype)
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -443,17 +471,35 @@ async def test_auto_keys_and_values_are_bf16_attended_natively_only_on_a_bf16_cp
     request = GenerationRequest("c:1", (user("do you like trains?"),), GREEDY)
     expected = await full.reply(request)
     seen.clear()
-    got = await auto.reply(request)
+    got = await gen.reply(request)
     assert got.token_ids == expected.token_ids
-    worker = auto.worker
-    if native:
-        assert worker.kv_dtype == torch.bfloat16 and worker._scratch is None
-        assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
-    else:
-        assert worker.kv_dtype == torch.float16 and worker._scratch is not None
-        assert set(seen) == {(torch.float32, torch.float32)}
+    worker = gen.worker
+    assert worker.kv_dtype == stored
+    assert (worker._scratch is None) == (attends == torch.bfloat16)
+    assert set(seen) == {(attends, attends)}
     assert worker.prefix.stats().entries == 1
-    assert next(iter(worker.prefix._entries.values())).row.buf.dtype == worker.kv_dtype
+    assert next(iter(worker.prefix._entries.values())).row.buf.dtype == stored
+
+
+def test_bf16_attention_is_timed_on_the_models_shape_against_widening():
+    """The measurement behind the choice runs both paths for real on this CPU: two positive
+    durations, and deciding twice for one shape measures once."""
+    from bot import kvcache
+
+    native, widened = kvcache.time_attention(4, 16, tokens=64, reps=3)
+    assert native > 0 and widened > 0
+    kvcache.bf16_attention_pays.cache_clear()
+    calls = []
+    real = kvcache.time_attention
+    try:
+        kvcache.time_attention = lambda *a: calls.append(a) or real(*a, tokens=64, reps=3)
+        cpu = torch.device("cpu")
+        first = kvcache.bf16_attention_pays(cpu, 4, 16)
+        assert kvcache.bf16_attention_pays(cpu, 4, 16) == first
+        assert calls == ([(4, 16)] if kvcache.native_bf16(cpu) else [])
+    finally:
+        kvcache.time_attention = real
+        kvcache.bf16_attention_pays.cache_clear()
 
 
 def _vma_of(address: int) -> dict[str, str]:

@@ -121,7 +121,7 @@ async def test_hostile_texts_never_crash_and_go_out_inert(echo_bot):
     loop = asyncio.get_running_loop()
     count = 0
 
-    @settings(max_examples=1500, deadline=None, database=None,
+    @settings(max_examples=800, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(text=HOSTILE, direct=st.booleans(), which=st.sampled_from([0, 1]))
     def feed(text, direct, which):
@@ -133,7 +133,7 @@ async def test_hostile_texts_never_crash_and_go_out_inert(echo_bot):
         asyncio.run_coroutine_threadsafe(app.pipeline.process(event), loop).result(30)
 
     await asyncio.to_thread(feed)
-    assert count >= 1000
+    assert count >= 600
     sent = platforms[0].sent + platforms[1].sent
     assert sent and APOLOGY not in [r.text for r in sent]
     for reply in sent:  # every part as it went out
