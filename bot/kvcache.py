@@ -164,9 +164,16 @@ class KVLayout:
             self.device, self.heads, self.head_dim)
 
     def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The buffer `RowsCache.attend` widens one row's keys/values into (None when the
-        storage dtype is the model's, or when attention runs in the storage dtype)."""
-        if dtype == self.dtype or self.attends_natively():
+        """The buffer `RowsCache.attend` widens one row's keys/values into, for a model
+        computing in `dtype` (None when attention runs on the stored buffers: the storage
+        dtype is the model's, or bf16 attention pays). A bf16 model on a CPU where bf16
+        attention is slow (`bf16_attention_pays`) attends in fp32 too."""
+        if self.attends_natively():
+            return None
+        if dtype == torch.bfloat16 and not bf16_attention_pays(self.device, self.heads,
+                                                               self.head_dim):
+            dtype = torch.float32
+        if dtype == self.dtype:
             return None
         return torch.empty((2, self.heads, self.capacity, self.head_dim), dtype=dtype,
                            device=self.device)

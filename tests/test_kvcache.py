@@ -481,6 +481,39 @@ async def test_keys_and_values_are_attended_in_bf16_only_where_that_measures_fas
     assert next(iter(worker.prefix._entries.values())).row.buf.dtype == stored
 
 
+@pytest.mark.parametrize("pays, stored, attends", [
+    (True, torch.bfloat16, torch.bfloat16),
+    (False, torch.float16, torch.float32),  # e.g. AMD EPYC: widened to fp32, not to bf16
+])
+async def test_a_bf16_model_attends_in_fp32_where_bf16_attention_is_slow(
+        tiny_model_dir, monkeypatch, measured_bf16, pays, stored, attends):
+    """DIALOGBOT_QUANTIZE=bf16 computes the layers in bf16; its attention runs in bf16 only
+    where that measures faster, otherwise the keys/values and the query are widened to fp32
+    and the result goes back to bf16. The reply is whole either way."""
+    measured_bf16(True, (1e-4, 2e-4) if pays else (2e-4, 1e-4))
+    gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1,
+                                                quantize="bf16"))
+    await gen.start()
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.dtype, key.dtype))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    try:
+        settings = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=6)
+        got = await gen.reply(GenerationRequest("c:1", (user("do you like trains?"),),
+                                                settings))
+    finally:
+        await gen.stop()
+    assert got.token_ids and got.text.strip()
+    assert gen.worker.kv_dtype == stored
+    assert next(gen.backend.model.parameters()).dtype == torch.bfloat16
+    assert set(seen) == {(attends, attends)}
+
+
 def test_bf16_attention_is_timed_on_the_models_shape_against_widening():
     """The measurement behind the choice runs both paths for real on this CPU: two positive
     durations, and deciding twice for one shape measures once."""
