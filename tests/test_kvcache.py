@@ -424,6 +424,19 @@ async def test_the_cache_hit_rate_is_exported_to_prometheus(make_config):
     assert samples[("dialogbot_kv_cache_bytes", None)] > 0
 
 
+def attention_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """Record (query dtype, keys dtype) of every attention call from now on."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.dtype, key.dtype))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
 @pytest.fixture
 def measured_bf16(monkeypatch):
     """Make this CPU look like one with (or without) native bf16 whose bf16 attention
@@ -460,14 +473,7 @@ async def test_keys_and_values_are_attended_in_bf16_only_where_that_measures_fas
     measured_bf16(native, timings)
     full = await batcher(kv_dtype="float32")
     gen = await batcher(kv_dtype=kv_dtype)
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        seen.append((query.dtype, key.dtype))
-        return real(query, key, value, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    seen = attention_dtypes(monkeypatch)
     request = GenerationRequest("c:1", (user("do you like trains?"),), GREEDY)
     expected = await full.reply(request)
     seen.clear()
@@ -494,14 +500,7 @@ async def test_a_bf16_model_attends_in_fp32_where_bf16_attention_is_slow(
     gen = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1,
                                                 quantize="bf16"))
     await gen.start()
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        seen.append((query.dtype, key.dtype))
-        return real(query, key, value, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    seen = attention_dtypes(monkeypatch)
     try:
         settings = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=6)
         got = await gen.reply(GenerationRequest("c:1", (user("do you like trains?"),),
