@@ -34,6 +34,7 @@ import itertools
 import logging
 import statistics
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,8 +68,6 @@ def time_attention(heads: int, head_dim: int, tokens: int = 512, reps: int = 15,
     """Seconds for one decode-shaped attention (one query over `tokens` keys/values) run in
     bf16 on bf16 buffers, and widened to fp32 first (the copy included): medians of `reps`,
     the two interleaved. About 20 ms in all."""
-    import time
-
     sdpa = torch.nn.functional.scaled_dot_product_attention
     buf = torch.randn((2, 1, heads, tokens, head_dim)).to(torch.bfloat16)
     scratch = torch.empty((2, 1, heads, tokens, head_dim))
