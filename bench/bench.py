@@ -415,6 +415,11 @@ async def run_option(args) -> dict:
     checker = Checker()
     result: dict = dict(generator=type(generator).__name__, load_s=load_s,
                         load_rss_mb=rss_mb(), load_peak_rss_mb=peak_rss_mb())
+    worker = getattr(generator, "worker", None)
+    if getattr(worker, "layout", None) is not None:  # the batching generator's choice
+        result["kv"] = str(worker.kv_dtype).removeprefix("torch.") + (
+            ", attended as stored" if worker._scratch is None else
+            f", widened to {str(worker._scratch.dtype).removeprefix('torch.')} to attend")
     try:
         for index, turns in enumerate(make_prompts(tokenizer, 2, -1)):  # warm-up, unmeasured
             await generator.reply(request_for(f"warm-up-{index}", turns, decoding()))
@@ -607,6 +612,10 @@ def table(report: dict) -> str:
                          f"{fmt(result.get('peak_rss_mb'), '.0f') if level == 1 else ''} |")
     for name, why in report["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | |")
+    kv = [f"{name}: {r['kv']}" for name, r in report["options"].items() if "kv" in r]
+    if kv:
+        lines += ["", "Keys/values (DIALOGBOT_KV_DTYPE as each option sets it, `auto` "
+                  "otherwise): " + "; ".join(kv)]
     joins = [(name, r["join"]) for name, r in report["options"].items() if "join" in r]
     if joins:
         lines += ["", "| a 16th request joins 15 decoding | waited until its prefill, ms |"
