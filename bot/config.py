@@ -90,10 +90,11 @@ class Config(BaseSettings):
         "0 = off."))
     kv_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description=(
         "How the batching generator stores keys/values: auto = bfloat16 where attention in "
-        "bf16 measures faster than widening to fp32 at load (a GPU; a CPU with AMX, not every "
-        "CPU with AVX512-BF16), attended without a widening copy; float16 elsewhere, widened "
-        "to fp32 to attend. Both halve their memory and the bytes a decode step reads; "
-        "float32 gives replies bit-identical to generate()."))
+        "bf16 measures faster at load (a GPU; a CPU with AMX, not every CPU with "
+        "AVX512-BF16), float16 elsewhere. Half precision is attended as stored where that "
+        "measures faster than widening to fp32 (timed at load), widened otherwise. Both halve "
+        "their memory and the bytes a decode step reads; float32 gives replies "
+        "bit-identical to generate()."))
     window_step: int = Field(256, ge=0, le=1024, description=(
         "When the prompt window must slide, drop at least this many tokens of old turns at "
         "once so the prompt's beginning (and its cache) stays stable. 0 = slide per turn."))

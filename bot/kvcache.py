@@ -15,10 +15,11 @@ the pages that were written: a row of 150 tokens costs 150 tokens of memory, not
   cache as it is (the first candidate of a request) or is freed. Nothing is written.
 - Attention (`RowsCache.attend`, plugged into transformers' attention interface as
   "dialogbot_rows") runs each row over its own length: no padding, no mask, no batch-wide
-  buffer to rebuild. Keys and values stored in half precision are widened to the model's
-  dtype one row at a time in a scratch buffer that stays in the CPU's cache, so a decode step
-  reads half the bytes from memory. bfloat16 keys/values on a CPU with native bf16 (or CUDA)
-  skip the widening: attention runs in bf16 on the stored buffers.
+  buffer to rebuild. Keys and values stored in half precision are attended as stored where
+  that measures faster (`attends_as_stored`: a GPU; float16 on an Intel Xeon without bf16;
+  bfloat16 on one with AMX), so a decode step reads half the bytes; elsewhere they are
+  widened to the model's dtype one row at a time in a scratch buffer that stays in the
+  CPU's cache.
 
 `PrefixCache` keeps, per conversation key, the token ids the model saw and the row buffer
 holding their keys/values, least recently used evicted first to stay within a byte bound,
@@ -54,6 +55,9 @@ ATTENTION = "dialogbot_rows"
 log = logging.getLogger(__name__)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def native_bf16(device: torch.device) -> bool:
     """True when `device` runs bf16 math natively: CUDA, or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
@@ -63,61 +67,86 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_supports_bf16()
 
 
-def time_attention(heads: int, head_dim: int, tokens: int = 512, reps: int = 15,
-                   ) -> tuple[float, float]:
-    """Seconds for one decode-shaped attention (one query over `tokens` keys/values) run in
-    bf16 on bf16 buffers, and widened to fp32 first (the copy included): medians of `reps`,
-    the two interleaved. About 20 ms in all."""
+def time_attention(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 512,
+                   reps: int = 15) -> tuple[float, float]:
+    """Seconds for one decode-shaped attention (one query over `tokens` keys/values) on
+    `dtype` buffers run as stored (the query rounded to `dtype`), and widened to fp32 first
+    (the copy included): medians of `reps`, the two interleaved. About 20 ms in all."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    buf = torch.randn((2, 1, heads, tokens, head_dim)).to(torch.bfloat16)
+    buf = torch.randn((2, 1, heads, tokens, head_dim)).to(dtype)
     scratch = torch.empty((2, 1, heads, tokens, head_dim))
     query = torch.randn((1, heads, 1, head_dim))
 
-    def native():
-        sdpa(query.to(torch.bfloat16), buf[0], buf[1])
+    def as_stored():
+        sdpa(query.to(dtype), buf[0], buf[1])
 
     def widened():
         wide = scratch.copy_(buf)
         sdpa(query, wide[0], wide[1])
 
-    times: dict = {native: [], widened: []}
+    times: dict = {as_stored: [], widened: []}
     for _ in range(reps + 1):
         for run in times:
             start = time.perf_counter()
             run()
             times[run].append(time.perf_counter() - start)
-    return (statistics.median(times[native][1:]), statistics.median(times[widened][1:]))
+    return (statistics.median(times[as_stored][1:]), statistics.median(times[widened][1:]))
 
 
 @functools.cache
-def bf16_attention_pays(device: torch.device, heads: int, head_dim: int) -> bool:
-    """Whether attention should run in bf16 on stored bf16 keys/values (no widening copy):
-    always on CUDA; on a CPU with native bf16 only when it measures at least 10% faster than
-    widening to fp32 (`time_attention`, once per process and shape).
+def attention_times(heads: int, head_dim: int, dtype: torch.dtype) -> tuple[float, float]:
+    """`time_attention` for this shape and half dtype, measured once per process and logged;
+    (inf, 0) when attention cannot run on `dtype` here."""
+    try:
+        as_stored, widened = time_attention(heads, head_dim, dtype)
+    except RuntimeError as exc:  # no kernel for the dtype on this device
+        log.info("attention on %s keys/values: not available (%s)", _name(dtype), exc)
+        return float("inf"), 0.0
+    log.info("attention on %s keys/values: %.0f us as stored, %.0f us widened to fp32",
+             _name(dtype), as_stored * 1e6, widened * 1e6)
+    return as_stored, widened
 
-    Measured because AVX512-BF16 alone does not make torch's bf16 attention fast: on an Intel
-    Xeon with AMX a warm 16-row decode step on DialoGPT-medium took 154 ms attending in bf16
-    against 249 ms widening, while on an AMD EPYC with AVX512-BF16 and no AMX one row's
-    attention over 800 tokens took 774 us in bf16 against 171 us widened (4.5x slower)."""
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def attends_as_stored(device: torch.device, dtype: torch.dtype, heads: int,
+                      head_dim: int) -> bool:
+    """Whether attention should run on stored half-precision (`dtype`) keys/values directly,
+    with no widening copy: always on CUDA; on a CPU when that measures at least 10% faster
+    than widening to fp32 (`attention_times`), and for bfloat16 only on a CPU with native bf16.
+
+    Measured because it differs from CPU to CPU, and a decode step does it for every row and
+    layer. One row of DialoGPT-medium's shape over 800 tokens, torch 2.13: an AMD EPYC with
+    AVX512-BF16 and no AMX took 774 us in bf16 against 171 us widened; an Intel Xeon (Ice Lake,
+    no bf16) 259 us in float16 against 399 us widened (a 16-row step over 800 tokens 392 against
+    497 ms); on an Intel Xeon with AMX a warm 16-row step took 154 ms in bf16 against 249 ms
+    widened."""
     if device.type == "cuda":
         return True
-    if not native_bf16(device):
+    if dtype not in HALF or (dtype == torch.bfloat16 and not native_bf16(device)):
         return False
-    native, widened = time_attention(heads, head_dim)
-    pays = native <= 0.9 * widened
-    log.info("attention on bf16 keys/values: %.0f us in bf16, %.0f us widened to fp32: %s",
-             native * 1e6, widened * 1e6, "attending in bf16" if pays else "widening")
-    return pays
+    as_stored, widened = attention_times(heads, head_dim, dtype)
+    return as_stored <= 0.9 * widened
 
 
 def kv_dtype_for(name: str, device: torch.device, heads: int, head_dim: int) -> torch.dtype:
-    """The storage dtype for DIALOGBOT_KV_DTYPE `name` on `device`. `auto`: bfloat16 where
-    attention runs faster on bf16 directly (`bf16_attention_pays`: no widening copy per
-    step), float16 elsewhere (half the bytes, widened to fp32 to attend, 8x bf16's
-    precision)."""
+    """The storage dtype for DIALOGBOT_KV_DTYPE `name` on `device`. `auto`: half precision
+    (half the bytes of fp32), bfloat16 only where attending on it directly measures at least
+    10% faster than the faster float16 path (as stored or widened: `attends_as_stored`), and
+    on CUDA; float16 elsewhere (8x bf16's precision)."""
     if name != "auto":
         return KV_DTYPES[name]
-    return torch.bfloat16 if bf16_attention_pays(device, heads, head_dim) else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16
+    if attends_as_stored(device, torch.bfloat16, heads, head_dim):
+        bf16 = attention_times(heads, head_dim, torch.bfloat16)[0]
+        fp16 = attention_times(heads, head_dim, torch.float16)
+        fp16 = fp16[0] if attends_as_stored(device, torch.float16, heads, head_dim) else fp16[1]
+        if bf16 <= 0.9 * fp16:
+            return torch.bfloat16
+    return torch.float16
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,22 +184,22 @@ class KVLayout:
             device=self.device)))
 
     def attends_natively(self) -> bool:
-        """bfloat16 keys/values where that is faster (`bf16_attention_pays`: CUDA, or a CPU
-        whose bf16 attention measures faster than widening): attention runs in bf16 on the
-        stored buffers (the query is rounded to bf16, scores and softmax accumulate in fp32
-        inside the kernel), with no widening copy."""
-        return self.dtype == torch.bfloat16 and bf16_attention_pays(
-            self.device, self.heads, self.head_dim)
+        """Half-precision keys/values where attending on them directly is faster
+        (`attends_as_stored`): attention runs in the storage dtype on the stored buffers (the
+        query is rounded to it, scores and softmax accumulate in fp32 inside the kernel), with
+        no widening copy."""
+        return self.dtype in HALF and attends_as_stored(self.device, self.dtype, self.heads,
+                                                        self.head_dim)
 
     def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The buffer `RowsCache.attend` widens one row's keys/values into, for a model
         computing in `dtype` (None when attention runs on the stored buffers: the storage
-        dtype is the model's, or bf16 attention pays). A bf16 model on a CPU where bf16
-        attention is slow (`bf16_attention_pays`) attends in fp32 too."""
+        dtype is the model's, or attending as stored pays). A bf16 model on a CPU where bf16
+        attention is slow (`attends_as_stored`) attends in fp32 too."""
         if self.attends_natively():
             return None
-        if dtype == torch.bfloat16 and not bf16_attention_pays(self.device, self.heads,
-                                                               self.head_dim):
+        if dtype == torch.bfloat16 and not attends_as_stored(self.device, torch.bfloat16,
+                                                             self.heads, self.head_dim):
             dtype = torch.float32
         if dtype == self.dtype:
             return None
