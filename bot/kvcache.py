@@ -67,30 +67,34 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_supports_bf16()
 
 
-def time_attention(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 512,
-                   reps: int = 15) -> tuple[float, float]:
-    """Seconds for one decode-shaped attention (one query over `tokens` keys/values) on
-    `dtype` buffers run as stored (the query rounded to `dtype`), and widened to fp32 first
-    (the copy included): medians of `reps`, the two interleaved. About 20 ms in all."""
+def time_attention(heads: int, head_dim: int, dtype: torch.dtype,
+                   lengths: Sequence[int] = (256, 768), reps: int = 25) -> tuple[float, float]:
+    """Seconds for decode-shaped attention (one query over each of `lengths` keys/values, a
+    short and a long history) on `dtype` buffers run as stored (the query rounded to
+    `dtype`), and widened to fp32 first (the copy included): medians over `reps`, the two
+    paths interleaved so that both see the same moments of a shared host. About 40-80 ms."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    buf = torch.randn((2, 1, heads, tokens, head_dim)).to(dtype)
-    scratch = torch.empty((2, 1, heads, tokens, head_dim))
+    longest = max(lengths)
+    buf = torch.randn((2, 1, heads, longest, head_dim)).to(dtype)
+    scratch = torch.empty((2, 1, heads, longest, head_dim))
     query = torch.randn((1, heads, 1, head_dim))
 
     def as_stored():
-        sdpa(query.to(dtype), buf[0], buf[1])
+        for n in lengths:
+            sdpa(query.to(dtype), buf[0, :, :, :n], buf[1, :, :, :n])
 
     def widened():
-        wide = scratch.copy_(buf)
-        sdpa(query, wide[0], wide[1])
+        for n in lengths:
+            wide = scratch[:, :, :, :n].copy_(buf[:, :, :, :n])
+            sdpa(query, wide[0], wide[1])
 
     times: dict = {as_stored: [], widened: []}
-    for _ in range(reps + 1):
+    for _ in range(reps + 2):
         for run in times:
             start = time.perf_counter()
             run()
             times[run].append(time.perf_counter() - start)
-    return (statistics.median(times[as_stored][1:]), statistics.median(times[widened][1:]))
+    return (statistics.median(times[as_stored][2:]), statistics.median(times[widened][2:]))
 
 
 @functools.cache

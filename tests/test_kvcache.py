@@ -538,13 +538,14 @@ def test_half_precision_attention_is_timed_on_the_models_shape_against_widening(
     from bot import kvcache
 
     for dtype in (torch.float16, torch.bfloat16):
-        as_stored, widened = kvcache.time_attention(4, 16, dtype, tokens=64, reps=3)
+        as_stored, widened = kvcache.time_attention(4, 16, dtype, lengths=(32, 64), reps=3)
         assert as_stored > 0 and widened > 0
     kvcache.attention_times.cache_clear()
     calls = []
     real = kvcache.time_attention
     try:
-        kvcache.time_attention = lambda *a: calls.append(a) or real(*a, tokens=64, reps=3)
+        kvcache.time_attention = lambda *a: calls.append(a) or real(*a, lengths=(32, 64),
+                                                                    reps=3)
         cpu = torch.device("cpu")
         for dtype in (torch.float16, torch.bfloat16):
             first = kvcache.attends_as_stored(cpu, dtype, 4, 16)
