@@ -253,6 +253,7 @@ class RowsCache(Cache):
         self.scratch = scratch
         self.lengths = lengths  # None: one token per row (decode)
         self._new: torch.Tensor | None = None
+        self._views: list | None = None  # decode: per row (slot, keys, values) of all layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +280,8 @@ class RowsCache(Cache):
         """Write each row's new keys/values into its buffer, then attend its new tokens over
         its own keys/values (causal among several new tokens).
         query [batch, heads, q, dim] -> [batch, q, heads, dim]."""
+        if self.lengths is None:
+            return self._attend_decode(layer, query, scaling)
         new, outs = self._new, []
         for row, (b, offset, n, start) in zip(self.rows, self._segments(query.shape[2])):
             end = start + n
@@ -296,6 +299,33 @@ class RowsCache(Cache):
         out = torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
         return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
 
+
+    def _attend_decode(self, layer: int, query: torch.Tensor, scaling: float | None,
+                       ) -> torch.Tensor:
+        """`attend` for a decode step (one new token per row), with the per-row indexing done
+        once per step instead of once per layer (a 16-row step of a 24-layer model makes 384
+        of these calls: their Python and dispatch overhead was a tenth of the step)."""
+        if self._views is None:
+            self._views = [(row.buf[:, :, :, start], row.buf[:, 0:1, :, :start + 1],
+                            row.buf[:, 1:2, :, :start + 1])
+                           for row, start in zip(self.rows, self.starts)]
+        new, self._new = self._new, None
+        dtype = (self.scratch if self.scratch is not None else self.rows[0].buf).dtype
+        queries = query.to(dtype).split(1)
+        outs = []
+        for (slot, keys, values), q, kv in zip(self._views, queries, new.unbind(1)):
+            slot[layer].copy_(kv[:, :, 0])
+            k, v = keys[layer], values[layer]
+            if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
+                end = k.shape[2]
+                wide = self.scratch[:, :, :end]
+                wide[0].copy_(k[0])
+                wide[1].copy_(v[0])
+                k, v = wide[0:1], wide[1:2]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                         scale=scaling))
+        out = torch.cat(outs).transpose(1, 2)
+        return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     **kwargs):
