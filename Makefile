@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # throughput, latency and memory of every generator option on the DialoGPT-medium shape (the
-# bot's default model), then on the small shape; two A/Bs (heap release, activation in place);
+# bot's default model), then on the small shape; three A/Bs (heap release, activation in place,
+# attention on stored float16 keys/values against widening them);
 # what reply quality costs; how long fetching a group message's context takes in a busy
 # channel; training speed; what a second character costs
 bench: $(STAMP)

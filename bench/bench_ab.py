@@ -8,8 +8,12 @@ in one sitting (this host's speed drifts between runs):
 - `gelu`: 16 cold prompts (60-200 tokens) prefilled in packed forwards of <= 512 tokens with
   GPT-2's activation as transformers writes it and in place (`bot.quant.gelu_in_place`,
   bit-identical), alternating, in one process: ms per prompt token.
+- `attention`: 16-row decode steps over 150, 400 and 800 tokens of history per row with
+  float16 keys/values attended as stored and widened to fp32 row by row first (what
+  `bot.kvcache.attends_as_stored` chooses between at load), and float32 keys/values (twice
+  the memory) for reference, interleaved step by step in one process: median ms a step.
 
-    .venv/bin/python bench/bench_ab.py [heap] [gelu] [--size medium] [--rounds 3]
+    .venv/bin/python bench/bench_ab.py [heap] [gelu] [attention] [--size medium] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -91,6 +95,49 @@ def gelu(args) -> None:
               f"{', '.join(f'{v:.2f}' for v in values)} |")
 
 
+def attention(args) -> None:
+    import statistics
+    from dataclasses import replace
+
+    import torch
+
+    from bench import model_dir
+    from bot.batching import BatchWorker
+    from bot.hf import TransformersBackend
+
+    backend = TransformersBackend(str(model_dir(args.size, args.cache)))
+    worker = BatchWorker(backend, "-", cache_bytes=2**30, kv_dtype="float16")
+    worker.load()
+    half, wide = worker.layout, replace(worker.layout, dtype=torch.float32)
+    scratch = torch.empty((2, half.heads, half.capacity, half.head_dim))
+    kinds = {"float16 as stored": (half, None), "float16 widened to fp32": (half, scratch),
+             "float32 stored": (wide, None)}
+    steps = 4 * args.rounds
+    print(f"\n16-row decode steps, ms a step (median of {steps}, the three kinds interleaved);"
+          f" the last column: the median ratio of paired steps\n\n| history tokens | "
+          + " | ".join(kinds) + " | as stored / widened |\n|---|---|---|---|---|")
+    with torch.inference_mode():
+        for history in (150, 400, 800):
+            rows = {}
+            for kind, (layout, _) in kinds.items():
+                rows[kind] = [layout.new_row() for _ in range(16)]
+                for row in rows[kind]:
+                    row.buf[:, :, :, :history].normal_()
+            times: dict[str, list[float]] = {k: [] for k in kinds}
+            for step in range(steps + 1):  # the first steps warm up
+                for kind, (_, scratch_or_none) in kinds.items():
+                    worker._scratch = scratch_or_none
+                    started = time.perf_counter()
+                    worker._forward(rows[kind], [history] * 16, [[1000]] * 16, packed=False)
+                    if step:
+                        times[kind].append(1000 * (time.perf_counter() - started))
+            ms = {k: statistics.median(v) for k, v in times.items()}
+            ratios = [a / b for a, b in zip(times["float16 as stored"],
+                                            times["float16 widened to fp32"])]
+            print(f"| {history} | " + " | ".join(f"{v:.0f}" for v in ms.values())
+                  + f" | {statistics.median(ratios):.2f} |", flush=True)
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--wrap":  # a bench.py worker, release on/off
         release = sys.argv[2] == "yes"
@@ -102,18 +149,19 @@ def main() -> int:
         runpy.run_path(str(HERE / "bench.py"), run_name="__main__")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="*", help="heap, gelu or both (the default)")
+    parser.add_argument("what", nargs="*", help="heap, gelu, attention (default: all)")
     parser.add_argument("--size", default="medium", choices=("small", "medium", "tiny"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "dialogbot-bench")
     args = parser.parse_args()
-    if set(args.what) - {"heap", "gelu"}:
-        parser.error(f"unknown A/B: {', '.join(sorted(set(args.what) - {'heap', 'gelu'}))}")
+    known = {"heap": heap, "gelu": gelu, "attention": attention}
+    if set(args.what) - set(known):
+        parser.error(f"unknown A/B: {', '.join(sorted(set(args.what) - set(known)))}")
     args.cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for what in args.what or ["heap", "gelu"]:
-        {"heap": heap, "gelu": gelu}[what](args)
+    for what in args.what or list(known):
+        known[what](args)
     return 0
 
 
