@@ -299,33 +299,30 @@ class RowsCache(Cache):
         out = torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
         return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
 
-
     def _attend_decode(self, layer: int, query: torch.Tensor, scaling: float | None,
                        ) -> torch.Tensor:
-        """`attend` for a decode step (one new token per row), with the per-row indexing done
-        once per step instead of once per layer (a 16-row step of a 24-layer model makes 384
-        of these calls: their Python and dispatch overhead was a tenth of the step)."""
-        if self._views is None:
-            self._views = [(row.buf[:, :, :, start], row.buf[:, 0:1, :, :start + 1],
-                            row.buf[:, 1:2, :, :start + 1])
+        """`attend` for a decode step (one new token per row), each row's buffer indexed once
+        per step instead of once per layer (a 16-row step of a 24-layer model makes 384 of
+        these calls; on DialoGPT-medium this saved 3-5% of the step)."""
+        if self._views is None:  # per row: the new token's slot, the history, keys, values
+            self._views = [(row.buf[:, :, :, start], row.buf[:, :, :, :start + 1],
+                            row.buf[:, 0:1, :, :start + 1], row.buf[:, 1:2, :, :start + 1])
                            for row, start in zip(self.rows, self.starts)]
         new, self._new = self._new, None
         dtype = (self.scratch if self.scratch is not None else self.rows[0].buf).dtype
-        queries = query.to(dtype).split(1)
         outs = []
-        for (slot, keys, values), q, kv in zip(self._views, queries, new.unbind(1)):
+        for (slot, both, keys, values), q, kv in zip(self._views, query.to(dtype).split(1),
+                                                     new.unbind(1)):
             slot[layer].copy_(kv[:, :, 0])
-            k, v = keys[layer], values[layer]
-            if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
-                end = k.shape[2]
-                wide = self.scratch[:, :, :end]
-                wide[0].copy_(k[0])
-                wide[1].copy_(v[0])
+            if self.scratch is None:
+                k, v = keys[layer], values[layer]
+            else:  # stored in half precision: widen in the CPU's cache
+                wide = self.scratch[:, :, :both.shape[3]].copy_(both[layer])
                 k, v = wide[0:1], wide[1:2]
             outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v,
                                                                          scale=scaling))
-        out = torch.cat(outs).transpose(1, 2)
-        return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
+        return torch.cat(outs).transpose(1, 2).to(query.dtype)
+
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     **kwargs):
