@@ -24,9 +24,9 @@ option's ratio is taken against its own round's baseline, then the median over r
   weights, batching with float16 keys/values (the default, auto, stores bfloat16 where bf16
   attention measures faster, and attends as stored or widened to fp32, whichever measures
   faster: `bot.kvcache.kv_dtype_for`, `attends_as_stored`), torch int8, bf16 when the CPU
-  has it, CTranslate2 int8 when installed): 1, 4 and 16 channels each sending one request at once: aggregate new
-  tokens/s, p50/p95 latency, ratio to the baseline's tokens/s; event-loop lag (a 10 ms
-  ticker) during the largest run;
+  has it, CTranslate2 int8 when installed): 1, 4 and 16 channels each sending one request
+  at once: aggregate new tokens/s, p50/p95 latency, ratio to the baseline's tokens/s;
+  event-loop lag (a 10 ms ticker) during the largest run;
 - batching generators: a 16th request arriving while 15 channels decode (time until its
   prefill starts against one 15-row decode step), and the ceiling: their 16-row decode steps
   against the bare batched forward of the model alone on the same cache lengths
