@@ -253,7 +253,7 @@ class RowsCache(Cache):
         self.scratch = scratch
         self.lengths = lengths  # None: one token per row (decode)
         self._new: torch.Tensor | None = None
-        self._views: list | None = None  # decode: per row (slot, keys, values) of all layers
+        self._views: list | None = None  # decode: per row, views over all layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,16 +265,6 @@ class RowsCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.starts, default=0)
 
-    def _segments(self, q_len: int):
-        """(batch index, query offset, new tokens, start) per row."""
-        if self.lengths is None:
-            return [(i, 0, q_len, start) for i, start in enumerate(self.starts)]
-        out, offset = [], 0
-        for n, start in zip(self.lengths, self.starts):
-            out.append((0, offset, n, start))
-            offset += n
-        return out
-
     def attend(self, layer: int, query: torch.Tensor, scaling: float | None,
                ) -> torch.Tensor:
         """Write each row's new keys/values into its buffer, then attend its new tokens over
@@ -282,10 +272,11 @@ class RowsCache(Cache):
         query [batch, heads, q, dim] -> [batch, q, heads, dim]."""
         if self.lengths is None:
             return self._attend_decode(layer, query, scaling)
-        new, outs = self._new, []
-        for row, (b, offset, n, start) in zip(self.rows, self._segments(query.shape[2])):
+        new, self._new = self._new, None
+        outs, offset = [], 0
+        for row, n, start in zip(self.rows, self.lengths, self.starts):  # packed: batch 1
             end = start + n
-            row.buf[layer, :, :, start:end] = new[:, b, :, offset:offset + n]
+            row.buf[layer, :, :, start:end] = new[:, 0, :, offset:offset + n]
             kv = row.buf[layer, :, :, :end]
             if self.scratch is not None:  # stored in half precision: widen in the CPU's cache
                 kv = self.scratch[:, :, :end].copy_(kv)
@@ -293,10 +284,10 @@ class RowsCache(Cache):
             if n > 1:
                 mask = torch.ones((n, end), dtype=torch.bool, device=query.device).tril(start)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                query[b:b + 1, :, offset:offset + n].to(kv.dtype), kv[0:1], kv[1:2],
+                query[:, :, offset:offset + n].to(kv.dtype), kv[0:1], kv[1:2],
                 attn_mask=mask, scale=scaling))
-        self._new = None
-        out = torch.cat(outs, dim=0 if self.lengths is None else 2).transpose(1, 2)
+            offset += n
+        out = torch.cat(outs, dim=2).transpose(1, 2)
         return out.to(query.dtype)  # no-op unless attention ran in the storage dtype
 
     def _attend_decode(self, layer: int, query: torch.Tensor, scaling: float | None,
