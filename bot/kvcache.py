@@ -146,8 +146,8 @@ def kv_dtype_for(name: str, device: torch.device, heads: int, head_dim: int) -> 
         return torch.bfloat16
     if attends_as_stored(device, torch.bfloat16, heads, head_dim):
         bf16 = attention_times(heads, head_dim, torch.bfloat16)[0]
-        fp16 = attention_times(heads, head_dim, torch.float16)
-        fp16 = fp16[0] if attends_as_stored(device, torch.float16, heads, head_dim) else fp16[1]
+        stored, widened = attention_times(heads, head_dim, torch.float16)
+        fp16 = stored if attends_as_stored(device, torch.float16, heads, head_dim) else widened
         if bf16 <= 0.9 * fp16:
             return torch.bfloat16
     return torch.float16
