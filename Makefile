@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test,ct2]"
+	# the float16 decode-attention kernel, compiled now rather than at the bot's first start
+	# (prints "not available" and the bot attends with torch where it cannot be built)
+	$(PY) -m bot.decode_kernel
 	touch $(STAMP)
 
 install: $(STAMP)

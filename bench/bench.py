@@ -420,7 +420,8 @@ async def run_option(args) -> dict:
     if getattr(worker, "layout", None) is not None:  # the batching generator's choice
         result["kv"] = str(worker.kv_dtype).removeprefix("torch.") + (
             ", attended as stored" if worker._scratch is None else
-            f", widened to {str(worker._scratch.dtype).removeprefix('torch.')} to attend")
+            f", widened to {str(worker._scratch.dtype).removeprefix('torch.')} to attend") + (
+            "; decode steps attend in the decode kernel" if worker._kernel is not None else "")
     try:
         for index, turns in enumerate(make_prompts(tokenizer, 2, -1)):  # warm-up, unmeasured
             await generator.reply(request_for(f"warm-up-{index}", turns, decoding()))

@@ -10,8 +10,9 @@ in one sitting (this host's speed drifts between runs):
   bit-identical), alternating, in one process: ms per prompt token.
 - `attention`: 16-row decode steps over 150, 400 and 800 tokens of history per row with
   float16 keys/values attended as stored and widened to fp32 row by row first (what
-  `bot.kvcache.attends_as_stored` chooses between at load), and float32 keys/values (twice
-  the memory) for reference, interleaved step by step in one process: median ms a step.
+  `bot.kvcache.attends_as_stored` chooses between at load), float32 keys/values (twice
+  the memory) for reference, and float16 in the decode kernel (`bot.decode_kernel`, where it
+  builds), interleaved step by step in one process: median ms a step.
 
     .venv/bin/python bench/bench_ab.py [heap] [gelu] [attention] [--size medium] [--rounds 3]
 """
@@ -102,6 +103,7 @@ def attention(args) -> None:
     import torch
 
     from bench import model_dir
+    from bot import decode_kernel
     from bot.batching import BatchWorker
     from bot.hf import TransformersBackend
 
@@ -110,23 +112,28 @@ def attention(args) -> None:
     worker.load()
     half, wide = worker.layout, replace(worker.layout, dtype=torch.float32)
     scratch = torch.empty((2, half.heads, half.capacity, half.head_dim))
-    kinds = {"float16 as stored": (half, None), "float16 widened to fp32": (half, scratch),
-             "float32 stored": (wide, None)}
+    kinds = {"float16 as stored": (half, None, None),
+             "float16 widened to fp32": (half, scratch, None),
+             "float32 stored": (wide, None, None)}
+    kernel = decode_kernel.load()
+    if kernel is not None:
+        kinds["float16, decode kernel"] = (half, None, kernel)
     steps = 4 * args.rounds
-    print(f"\n16-row decode steps, ms a step (median of {steps}, the three kinds interleaved);"
+    print(f"\n16-row decode steps, ms a step (median of {steps}, the kinds interleaved);"
           f" the last column: the median ratio of paired steps\n\n| history tokens | "
-          + " | ".join(kinds) + " | as stored / widened |\n|---|---|---|---|---|")
+          + " | ".join(kinds) + " | as stored / widened |\n|---|" + "---|" * len(kinds)
+          + "---|")
     with torch.inference_mode():
         for history in (150, 400, 800):
             rows = {}
-            for kind, (layout, _) in kinds.items():
+            for kind, (layout, _, _) in kinds.items():
                 rows[kind] = [layout.new_row() for _ in range(16)]
                 for row in rows[kind]:
                     row.buf[:, :, :, :history].normal_()
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for step in range(steps + 1):  # the first steps warm up
-                for kind, (_, scratch_or_none) in kinds.items():
-                    worker._scratch = scratch_or_none
+                for kind, (_, scratch_or_none, kernel_or_none) in kinds.items():
+                    worker._scratch, worker._kernel = scratch_or_none, kernel_or_none
                     started = time.perf_counter()
                     worker._forward(rows[kind], [history] * 16, [[1000]] * 16, packed=False)
                     if step:

@@ -143,6 +143,7 @@ class BatchWorker(GenerationWorker):
         self.layout: KVLayout | None = None
         self.stats = BatchStats()
         self._scratch: torch.Tensor | None = None
+        self._kernel = None  # bot.decode_kernel, where it attends the decode steps
         self._no_mask: torch.Tensor | None = None
         self._rows: list[_Row] = []  # in batch order
         self._joining: list[_Row] = []  # prefilled, not yet in the batch
@@ -157,6 +158,7 @@ class BatchWorker(GenerationWorker):
                                      self.layout.head_dim)
         self.layout = replace(self.layout, dtype=self.kv_dtype)
         self._scratch = self.layout.scratch(model.get_input_embeddings().weight.dtype)
+        self._kernel = self.layout.decode_kernel(model.get_input_embeddings().weight.dtype)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.layout.device)
         if self.cache_bytes is None:
             from bot.memory import default_cache_bytes
@@ -278,7 +280,7 @@ class BatchWorker(GenerationWorker):
                 attention_mask=self._no_mask, cache=cache, use_cache=True,
                 logits_to_keep=last, **{ATTENTION: cache})
             return out.logits[0].float()
-        cache = RowsCache(rows, starts, self._scratch)
+        cache = RowsCache(rows, starts, self._scratch, kernel=self._kernel)
         out = self.backend.model(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             position_ids=torch.tensor([[s] for s in starts], device=device),

@@ -111,6 +111,63 @@ def attention_times(heads: int, head_dim: int, dtype: torch.dtype) -> tuple[floa
     return as_stored, widened
 
 
+def time_decode_kernel(kernel, heads: int, head_dim: int, lengths: Sequence[int] = (256, 768),
+                       reps: int = 25) -> tuple[float, float]:
+    """Seconds for one row's decode attention over float16 keys/values of `lengths` tokens
+    through `kernel` (`bot.decode_kernel`) and through the faster of torch's two ways (as
+    stored, widened to fp32): medians over `reps`, the three interleaved as in
+    `time_attention`."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    longest = max(lengths)
+    buf = torch.randn((1, 2, heads, longest, head_dim)).to(torch.float16)
+    scratch = torch.empty((2, 1, heads, longest, head_dim))
+    query = torch.randn((1, heads, head_dim))
+    new = torch.randn((2, 1, heads, head_dim))
+    scale = head_dim ** -0.5
+
+    def by_kernel():
+        for n in lengths:
+            kernel.decode_attention(query, new, [buf], 0, [n - 1], scale)
+
+    def as_stored():
+        for n in lengths:
+            sdpa(query.unsqueeze(2).half(), buf[:, 0, :, :n], buf[:, 1, :, :n], scale=scale)
+
+    def widened():
+        for n in lengths:
+            wide = scratch[:, :, :, :n].copy_(buf[0, :, :, :n].unsqueeze(1))
+            sdpa(query.unsqueeze(2), wide[0], wide[1], scale=scale)
+
+    times: dict = {by_kernel: [], as_stored: [], widened: []}
+    for _ in range(reps + 2):
+        for run in times:
+            start = time.perf_counter()
+            run()
+            times[run].append(time.perf_counter() - start)
+    medians = {run: statistics.median(t[2:]) for run, t in times.items()}
+    return medians[by_kernel], min(medians[as_stored], medians[widened])
+
+
+@functools.cache
+def decode_kernel_for(heads: int, head_dim: int):
+    """The decode kernel where it loads and attends float16 keys/values of this shape at
+    least 10% faster than torch's faster way (measured once per process and shape, logged);
+    None otherwise."""
+    from bot import decode_kernel
+
+    kernel = decode_kernel.load()
+    if kernel is None:
+        return None
+    try:
+        ours, torch_way = time_decode_kernel(kernel, heads, head_dim)
+    except RuntimeError as exc:
+        log.warning("decode kernel: failed its timing run, not used (%s)", exc)
+        return None
+    log.info("attention on float16 keys/values: %.0f us in the decode kernel, %.0f us the "
+             "torch way", ours * 1e6, torch_way * 1e6)
+    return kernel if ours <= 0.9 * torch_way else None
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -148,6 +205,9 @@ def kv_dtype_for(name: str, device: torch.device, heads: int, head_dim: int) -> 
         bf16 = attention_times(heads, head_dim, torch.bfloat16)[0]
         stored, widened = attention_times(heads, head_dim, torch.float16)
         fp16 = stored if attends_as_stored(device, torch.float16, heads, head_dim) else widened
+        if device.type == "cpu" and decode_kernel_for(heads, head_dim) is not None:
+            fp16 = min(fp16, time_decode_kernel(decode_kernel_for(heads, head_dim), heads,
+                                                head_dim)[0])
         if bf16 <= 0.9 * fp16:
             return torch.bfloat16
     return torch.float16
@@ -194,6 +254,14 @@ class KVLayout:
         no widening copy."""
         return self.dtype in HALF and attends_as_stored(self.device, self.dtype, self.heads,
                                                         self.head_dim)
+
+    def decode_kernel(self, dtype: torch.dtype):
+        """The kernel a decode step attends with (`decode_kernel_for`): float16 keys/values
+        on a CPU, a model computing in fp32 (or int8: fp32 activations), and the kernel
+        measured faster than torch's ways; None otherwise (`RowsCache` attends with torch)."""
+        if self.dtype != torch.float16 or self.device.type != "cpu" or dtype != torch.float32:
+            return None
+        return decode_kernel_for(self.heads, self.head_dim)
 
     def scratch(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The buffer `RowsCache.attend` widens one row's keys/values into, for a model
@@ -246,12 +314,14 @@ class RowsCache(Cache):
     attention (`use_rows_attention`)."""
 
     def __init__(self, rows: Sequence[RowKV], starts: Sequence[int],
-                 scratch: torch.Tensor | None = None, lengths: Sequence[int] | None = None):
+                 scratch: torch.Tensor | None = None, lengths: Sequence[int] | None = None,
+                 kernel=None):
         super().__init__(layers=[])
         self.rows = rows
         self.starts = starts
         self.scratch = scratch
         self.lengths = lengths  # None: one token per row (decode)
+        self.kernel = kernel  # decode only: `bot.decode_kernel` over float16 buffers
         self._new: torch.Tensor | None = None
         self._views: list | None = None  # decode: per row, views over all layers
 
@@ -294,7 +364,16 @@ class RowsCache(Cache):
                        ) -> torch.Tensor:
         """`attend` for a decode step (one new token per row), each row's buffer indexed once
         per step instead of once per layer (a 16-row step of a 24-layer model makes 384 of
-        these calls; on DialoGPT-medium this saved 3-5% of the step)."""
+        these calls; on DialoGPT-medium this saved 3-5% of the step). With the decode kernel,
+        one call writes and attends every row of the layer."""
+        if self.kernel is not None:
+            new, self._new = self._new, None
+            if self._views is None:
+                self._views = [row.buf for row in self.rows]
+            out = self.kernel.decode_attention(
+                query[:, :, 0].contiguous(), new[:, :, :, 0].contiguous(), self._views, layer,
+                self.starts, scaling if scaling is not None else query.shape[-1] ** -0.5)
+            return out.unsqueeze(1)  # [rows, 1, heads, dim]
         if self._views is None:  # per row: the new token's slot, the history, keys, values
             self._views = [(row.buf[:, :, :, start], row.buf[:, :, :, :start + 1],
                             row.buf[:, 0:1, :, :start + 1], row.buf[:, 1:2, :, :start + 1])

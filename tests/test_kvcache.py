@@ -356,24 +356,36 @@ async def test_every_turn_equals_generate_across_window_slides_and_evictions(
     assert len(tok.encode("a says 1: do you like trains?")) > 8
 
 
-@pytest.mark.parametrize("half, bound, as_stored", [
-    ("float16", 2e-3, False),  # 11 significant bits, widened to fp32 for attention
-    ("float16", 2e-3, True),  # attended in float16 (where that measures faster)
-    ("bfloat16", 2e-2, False),  # 8 significant bits, widened
-    ("bfloat16", 2e-2, True),  # attended in bf16 (where that measures faster)
+def needs_kernel(path: str) -> None:
+    from bot import decode_kernel
+
+    if path == "kernel" and not decode_kernel.cpu_supported():
+        pytest.skip("the decode kernel needs AVX2")
+
+
+@pytest.mark.parametrize("half, bound, path", [
+    ("float16", 2e-3, "widened"),  # 11 significant bits, widened to fp32 for attention
+    ("float16", 2e-3, "as stored"),  # attended in float16 (where that measures faster)
+    ("float16", 2e-3, "kernel"),  # decode steps in bot/csrc/decode_attention.cpp
+    ("bfloat16", 2e-2, "widened"),  # 8 significant bits, widened
+    ("bfloat16", 2e-2, "as stored"),  # attended in bf16 (where that measures faster)
 ])
 async def test_half_precision_keys_and_values_give_the_fp32_replies_over_30_turns(
-        tiny_model_dir, measured_attention, half, bound, as_stored):
+        tiny_model_dir, measured_attention, half, bound, path):
     """The same 30-turn conversation (the fp32 replies fed back to both) through half and
     float32 storage: the greedy replies are the same; the first-token logits stay within
     `bound` of each other."""
-    measured_attention(True, FAST if as_stored else SLOW, FAST if as_stored else SLOW)
+    needs_kernel(path)
+    as_stored = path == "as stored"
+    measured_attention(True, FAST if as_stored else SLOW, FAST if as_stored else SLOW,
+                       kernel=1e-5 if path == "kernel" else float("inf"))
     gens = {}
     for dtype in ("float32", half):
         gens[dtype] = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1),
                                         kv_dtype=dtype)
         await gens[dtype].start()
     assert (gens[half].worker._scratch is None) == as_stored  # the path under test
+    assert (gens[half].worker._kernel is not None) == (path == "kernel")
     logits: dict[str, list[torch.Tensor]] = {"float32": [], half: []}
     for dtype, gen in gens.items():
         real = gen.worker._choose
@@ -441,21 +453,26 @@ def attention_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
 @pytest.fixture
 def measured_attention(monkeypatch):
     """Make this CPU look like one with (or without) native bf16 whose attention on stored
-    bfloat16 / float16 keys/values measures (as stored, widened) seconds; the per-process
-    measurements are taken again."""
+    bfloat16 / float16 keys/values measures (as stored, widened) seconds, and the decode
+    kernel `kernel` seconds (never faster by default); the per-process measurements are taken
+    again."""
     import bot.quant
     from bot import kvcache
 
     def pretend(native: bool, bf16: tuple[float, float] = (1.0, 1.0),
-                fp16: tuple[float, float] = (1.0, 1.0)):
+                fp16: tuple[float, float] = (1.0, 1.0), kernel: float = float("inf")):
         timings = {torch.bfloat16: bf16, torch.float16: fp16}
         monkeypatch.setattr(bot.quant, "cpu_supports_bf16", lambda: native)
         monkeypatch.setattr(kvcache, "time_attention",
                             lambda heads, head_dim, dtype: timings[dtype])
+        monkeypatch.setattr(kvcache, "time_decode_kernel",
+                            lambda module, heads, head_dim: (kernel, min(fp16)))
         kvcache.attention_times.cache_clear()
+        kvcache.decode_kernel_for.cache_clear()
 
     yield pretend
     kvcache.attention_times.cache_clear()
+    kvcache.decode_kernel_for.cache_clear()
 
 
 FAST, SLOW = (1e-4, 2e-4), (3e-4, 2e-4)  # (as stored, widened) seconds
@@ -529,6 +546,61 @@ async def test_a_bf16_model_attends_in_fp32_where_bf16_attention_is_slow(
     assert gen.worker.kv_dtype == stored
     assert next(gen.backend.model.parameters()).dtype == torch.bfloat16
     assert set(seen) == {(attends, attends)}
+
+
+class CountingKernel:
+    """The decode kernel, counting its calls."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def decode_attention(self, *args):
+        self.calls += 1
+        return self.module.decode_attention(*args)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("kernel, used", [(1e-5, True), (0.95e-4, False)])
+async def test_decode_steps_attend_in_the_kernel_only_where_it_measures_faster(
+        tiny_model_dir, monkeypatch, measured_attention, kernel, used, quantize):
+    """Float16 keys/values on a CPU: where the decode kernel measures at least 10% faster
+    than torch's faster way, every decode step's attention runs in it (one call per layer
+    for all rows, none through torch's attention; prefills stay with torch), and the
+    replies of 3 channels decoded together equal the fp32 cache's, token for token (int8:
+    whole replies). Not 10% faster: torch attends."""
+    needs_kernel("kernel")
+    measured_attention(False, SLOW, (3e-4, 1e-4), kernel=kernel)  # widened: 1e-4
+    gens = {}
+    for dtype in ("float32", "float16"):
+        gens[dtype] = BatchingGenerator(TransformersBackend(str(tiny_model_dir), threads=1,
+                                                            quantize=quantize),
+                                        kv_dtype=dtype)
+        await gens[dtype].start()
+    worker = gens["float16"].worker
+    assert (worker._kernel is not None) == used
+    if used:
+        worker._kernel = CountingKernel(worker._kernel)
+    settings = DecodingSettings(do_sample=False, no_repeat_ngram_size=0, max_new_tokens=8)
+    requests = [GenerationRequest(f"c:{i}", (user(f"channel {i}: do you like {i * 3} trains?"),
+                                             user("tell me more", f"c{i}")), settings)
+                for i in range(3)]
+    try:
+        expected = [await gens["float32"].reply(r) for r in requests]
+        seen = attention_dtypes(monkeypatch)
+        got = await asyncio.gather(*(gens["float16"].reply(r) for r in requests))
+    finally:
+        for gen in gens.values():
+            await gen.stop()
+    steps = max(len(r.token_ids) for r in got) - 1  # the first token comes from the prefill
+    layers = gens["float16"].backend.model.config.n_layer
+    if used:
+        assert worker._kernel.calls >= layers * steps > 0
+        assert len(seen) <= layers * len(requests)  # torch: the prefills only
+    else:
+        assert len(seen) >= layers * (len(requests) + steps)
+    assert all(r.token_ids and r.text.strip() for r in got)
+    if quantize == "none":
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
 
 
 def test_half_precision_attention_is_timed_on_the_models_shape_against_widening():
