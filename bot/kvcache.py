@@ -19,7 +19,9 @@ the pages that were written: a row of 150 tokens costs 150 tokens of memory, not
   that measures faster (`attends_as_stored`: a GPU; float16 on an Intel Xeon without bf16;
   bfloat16 on one with AMX), so a decode step reads half the bytes; elsewhere they are
   widened to the model's dtype one row at a time in a scratch buffer that stays in the
-  CPU's cache.
+  CPU's cache. Decode steps over float16 on a CPU go through `bot.decode_kernel` instead
+  where that measures faster still (`decode_kernel_for`: one call per layer for all rows,
+  no widening copy; an AMD EPYC with AVX2 only).
 
 `PrefixCache` keeps, per conversation key, the token ids the model saw and the row buffer
 holding their keys/values, least recently used evicted first to stay within a byte bound,
