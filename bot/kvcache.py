@@ -90,13 +90,19 @@ def time_attention(heads: int, head_dim: int, dtype: torch.dtype,
             wide = scratch[:, :, :, :n].copy_(buf[:, :, :, :n])
             sdpa(query, wide[0], wide[1])
 
-    times: dict = {as_stored: [], widened: []}
+    return tuple(_interleaved_medians((as_stored, widened), reps))
+
+
+def _interleaved_medians(runs: Sequence, reps: int) -> list[float]:
+    """Median seconds of each of `runs` over `reps` rounds (after two unmeasured ones), the
+    runs taking turns within a round so that all see the same moments of a shared host."""
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(reps + 2):
-        for run in times:
+        for run, seen in zip(runs, times):
             start = time.perf_counter()
             run()
-            times[run].append(time.perf_counter() - start)
-    return (statistics.median(times[as_stored][2:]), statistics.median(times[widened][2:]))
+            seen.append(time.perf_counter() - start)
+    return [statistics.median(seen[2:]) for seen in times]
 
 
 @functools.cache
@@ -140,21 +146,14 @@ def time_decode_kernel(kernel, heads: int, head_dim: int, lengths: Sequence[int]
             wide = scratch[:, :, :, :n].copy_(buf[0, :, :, :n].unsqueeze(1))
             sdpa(query.unsqueeze(2), wide[0], wide[1], scale=scale)
 
-    times: dict = {by_kernel: [], as_stored: [], widened: []}
-    for _ in range(reps + 2):
-        for run in times:
-            start = time.perf_counter()
-            run()
-            times[run].append(time.perf_counter() - start)
-    medians = {run: statistics.median(t[2:]) for run, t in times.items()}
-    return medians[by_kernel], min(medians[as_stored], medians[widened])
+    ours, stored, wide = _interleaved_medians((by_kernel, as_stored, widened), reps)
+    return ours, min(stored, wide)
 
 
 @functools.cache
-def decode_kernel_for(heads: int, head_dim: int):
-    """The decode kernel where it loads and attends float16 keys/values of this shape at
-    least 10% faster than torch's faster way (measured once per process and shape, logged);
-    None otherwise."""
+def decode_kernel_times(heads: int, head_dim: int) -> tuple[float, float] | None:
+    """`time_decode_kernel` for this shape, measured once per process and logged; None where
+    the kernel does not load or fails its timing run."""
     from bot import decode_kernel
 
     kernel = decode_kernel.load()
@@ -167,7 +166,18 @@ def decode_kernel_for(heads: int, head_dim: int):
         return None
     log.info("attention on float16 keys/values: %.0f us in the decode kernel, %.0f us the "
              "torch way", ours * 1e6, torch_way * 1e6)
-    return kernel if ours <= 0.9 * torch_way else None
+    return ours, torch_way
+
+
+def decode_kernel_for(heads: int, head_dim: int):
+    """The decode kernel where it attends float16 keys/values of this shape at least 10%
+    faster than torch's faster way (`decode_kernel_times`); None otherwise."""
+    from bot import decode_kernel
+
+    times = decode_kernel_times(heads, head_dim)
+    if times is None or times[0] > 0.9 * times[1]:
+        return None
+    return decode_kernel.load()
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -208,8 +218,7 @@ def kv_dtype_for(name: str, device: torch.device, heads: int, head_dim: int) -> 
         stored, widened = attention_times(heads, head_dim, torch.float16)
         fp16 = stored if attends_as_stored(device, torch.float16, heads, head_dim) else widened
         if device.type == "cpu" and decode_kernel_for(heads, head_dim) is not None:
-            fp16 = min(fp16, time_decode_kernel(decode_kernel_for(heads, head_dim), heads,
-                                                head_dim)[0])
+            fp16 = min(fp16, decode_kernel_times(heads, head_dim)[0])
         if bf16 <= 0.9 * fp16:
             return torch.bfloat16
     return torch.float16
@@ -325,7 +334,7 @@ class RowsCache(Cache):
         self.lengths = lengths  # None: one token per row (decode)
         self.kernel = kernel  # decode only: `bot.decode_kernel` over float16 buffers
         self._new: torch.Tensor | None = None
-        self._views: list | None = None  # decode: per row, views over all layers
+        self._views: list | None = None  # decode with torch: per row, views over all layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,11 +379,10 @@ class RowsCache(Cache):
         one call writes and attends every row of the layer."""
         if self.kernel is not None:
             new, self._new = self._new, None
-            if self._views is None:
-                self._views = [row.buf for row in self.rows]
             out = self.kernel.decode_attention(
-                query[:, :, 0].contiguous(), new[:, :, :, 0].contiguous(), self._views, layer,
-                self.starts, scaling if scaling is not None else query.shape[-1] ** -0.5)
+                query[:, :, 0].contiguous(), new[:, :, :, 0].contiguous(),
+                [row.buf for row in self.rows], layer, self.starts,
+                scaling if scaling is not None else query.shape[-1] ** -0.5)
             return out.unsqueeze(1)  # [rows, 1, heads, dim]
         if self._views is None:  # per row: the new token's slot, the history, keys, values
             self._views = [(row.buf[:, :, :, start], row.buf[:, :, :, :start + 1],

@@ -468,11 +468,11 @@ def measured_attention(monkeypatch):
         monkeypatch.setattr(kvcache, "time_decode_kernel",
                             lambda module, heads, head_dim: (kernel, min(fp16)))
         kvcache.attention_times.cache_clear()
-        kvcache.decode_kernel_for.cache_clear()
+        kvcache.decode_kernel_times.cache_clear()
 
     yield pretend
     kvcache.attention_times.cache_clear()
-    kvcache.decode_kernel_for.cache_clear()
+    kvcache.decode_kernel_times.cache_clear()
 
 
 FAST, SLOW = (1e-4, 2e-4), (3e-4, 2e-4)  # (as stored, widened) seconds
