@@ -6,8 +6,9 @@ in one sitting (this host's speed drifts between runs):
   when the batch empties: `bot.batching.RELEASE_EVERY`) and without: RSS at the end, peak RSS,
   16-channel tokens/s.
 - `gelu`: 16 cold prompts (60-200 tokens) prefilled in packed forwards of <= 512 tokens with
-  GPT-2's activation as transformers writes it and in place (`bot.quant.gelu_in_place`,
-  bit-identical), alternating, in one process: ms per prompt token.
+  GPT-2's activation as transformers writes it, in place (`bot.quant.gelu_in_place`,
+  bit-identical) and fused into the MLP's packed linear layer (`bot.quant.fuse_gelu`, fp32
+  with packed weights), alternating, in one process: ms per prompt token.
 - `attention`: 16-row decode steps over 150, 400 and 800 tokens of history per row with
   float16 keys/values attended as stored and widened to fp32 row by row first (what
   `bot.kvcache.attends_as_stored` chooses between at load), float32 keys/values (twice
@@ -75,13 +76,23 @@ def gelu(args) -> None:
         pack.append(prompt)
     packs.append(pack)
     total = sum(map(len, prompts))
-    kinds = {"as written": NewGELUActivation, "in place": _gelu_class()}
+    class TanhGELU(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+    kinds = {"as written": NewGELUActivation, "in place": _gelu_class(),
+             "torch's gelu(tanh)": TanhGELU}
+    fused = all(getattr(b.mlp.c_fc, "gelu", False) for b in backend.model.transformer.h)
+    if fused:  # the served model runs it in the linear layer (fp32, packed weights)
+        kinds["fused into the linear"] = torch.nn.Identity
     times: dict[str, list[float]] = {k: [] for k in kinds}
     with torch.inference_mode():
         for _ in range(args.rounds + 1):  # the first round warms up
             for kind, cls in kinds.items():
                 for block in backend.model.transformer.h:
                     block.mlp.act = cls()
+                    if fused:
+                        block.mlp.c_fc.gelu = cls is torch.nn.Identity
                 started = time.perf_counter()
                 for pack in packs:
                     worker._forward([worker.layout.new_row() for _ in pack], [0] * len(pack),

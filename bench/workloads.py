@@ -146,9 +146,9 @@ def bare_ceiling(model, lengths: list[int], steps: int = 12) -> dict:
     heads, dim = config.n_head, config.n_embd // config.n_head
     rows, longest = len(lengths), max(lengths)
     capacity = longest + steps + 1
-    dtype = model.get_input_embeddings().weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
+    from bot.quant import activation_dtype
+
+    dtype = activation_dtype(model)
 
     class Layer(DynamicLayer):
         def __init__(self):

@@ -50,6 +50,7 @@ from bot.kvcache import ATTENTION, KV_DTYPES, KVLayout, PrefixCache, RowKV, Rows
 from bot.memory import release_freed_memory
 from bot.prompt import build_window
 from bot.quality import ReplyRules, earlier_lines
+from bot.quant import activation_dtype
 from bot.sampling import NGramBans, choice_key, choose
 
 if TYPE_CHECKING:
@@ -157,8 +158,9 @@ class BatchWorker(GenerationWorker):
         self.kv_dtype = kv_dtype_for(self.kv_dtype_name, self.layout.device, self.layout.heads,
                                      self.layout.head_dim)
         self.layout = replace(self.layout, dtype=self.kv_dtype)
-        self._scratch = self.layout.scratch(model.get_input_embeddings().weight.dtype)
-        self._kernel = self.layout.decode_kernel(model.get_input_embeddings().weight.dtype)
+        dtype = activation_dtype(model)
+        self._scratch = self.layout.scratch(dtype)
+        self._kernel = self.layout.decode_kernel(dtype)
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.layout.device)
         if self.cache_bytes is None:
             from bot.memory import default_cache_bytes

@@ -11,14 +11,17 @@ model is loaded and moved to its device:
   2 AVX2 cores, one row ~1.15x. Greedy replies match the model card's loop in the tests.
 - `int8`: CPU only. GPT-2's `Conv1D` layers (a linear layer with its weight stored transposed)
   become `nn.Linear`, then torch's dynamic quantization stores every linear weight (attention,
-  MLP, the LM head) as int8 and quantizes activations on the fly. Activations are scaled per
+  MLP, the LM head) as int8 and quantizes activations on the fly. The token embedding (the
+  LM head's fp32 twin) is stored as int8 rows with a scale each (`int8_token_embedding`). Activations are scaled per
   batch, so a reply can differ slightly from fp32 (and a batched row from a solo run):
   token-exact parity is an fp32 property; int8 replies are checked for well-formedness only.
 - `bf16`: `model.to(torch.bfloat16)` on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA.
 - `fp16`: CUDA only.
 - Every precision: GPT-2's activation runs in place (`gelu_in_place`): the same operations in
   the same order as transformers' `NewGELUActivation` (bit-identical), without five of its
-  seven full-size temporaries.
+  seven full-size temporaries. With packed fp32 weights it then moves into the MLP's first
+  linear layer (`fuse_gelu`: oneDNN's gelu-tanh post-op, within 1e-5 of `gelu_new`, checked
+  at load), so the activation costs no pass of its own.
 
 Memory: `from_pretrained` leaves every weight a view of the memory-mapped checkpoint.
 Each layer is converted on its own and the checkpoint pages of the original are dropped
@@ -140,7 +143,9 @@ def _packed_linear_class():
     from torch import nn
 
     class PackedLinear(nn.Module):
-        """`y = x @ W.T + b` with W reordered once for oneDNN (fp32, CPU)."""
+        """`y = x @ W.T + b` with W reordered once for oneDNN (fp32, CPU); with
+        `gelu=True`, GPT-2's activation applied to y inside the same oneDNN call
+        (`fuse_gelu`)."""
 
         def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
             super().__init__()
@@ -149,15 +154,18 @@ def _packed_linear_class():
             self.register_buffer("packed_weight", packed, persistent=False)
             self.register_buffer("bias", None if bias is None else bias.detach().clone(),
                                  persistent=False)
+            self.gelu = False
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, self.in_features).contiguous()
+            attr, algorithm = ("gelu", "tanh") if self.gelu else ("none", "")
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias,
-                                                     "none", [], "")
+                                                     attr, [], algorithm)
             return out.view(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}"
+            return (f"in_features={self.in_features}, out_features={self.out_features}"
+                    + (", gelu" if self.gelu else ""))
 
     return PackedLinear
 
@@ -192,6 +200,53 @@ def pack_linear_weights(model: Any) -> int:
     return _replace_layers(model, wanted, convert)
 
 
+def fuse_gelu(model: Any) -> int:
+    """Run GPT-2's activation inside each MLP's first linear layer where that layer is a
+    `PackedLinear`: oneDNN applies its gelu-tanh post-op to each block of the product while
+    it is still in the CPU's cache, so the [tokens, 4 x hidden] output is written once and
+    never read back for a separate activation pass; `mlp.act` becomes `nn.Identity`.
+    The same function as transformers' `gelu_new`, but computed with oneDNN's own tanh, so
+    not bit-identical: checked on this machine before fusing (`_fused_gelu_agrees`), and
+    not fused where it differs by more than 1e-5. Returns how many MLPs were fused."""
+    from torch import nn
+    from transformers.activations import NewGELUActivation
+
+    gelus = (NewGELUActivation, _gelu_class())
+    mlps = [m for m in model.modules()
+            if hasattr(getattr(m, "c_fc", None), "packed_weight")
+            and type(getattr(m, "act", None)).__name__ in {c.__name__ for c in gelus}]
+    if not mlps or not _fused_gelu_agrees(mlps[0].c_fc):
+        return 0
+    for mlp in mlps:
+        mlp.c_fc.gelu = True
+        mlp.act = nn.Identity()
+    return len(mlps)
+
+
+def _fused_gelu_agrees(linear: Any) -> bool:
+    """oneDNN's fused activation against transformers' `gelu_new` on `linear`'s output for
+    inputs of a layer-normed scale: within 1e-5 (absolute) or 1e-4 (relative)."""
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    x = torch.randn(64, linear.in_features, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.inference_mode():
+        want = NewGELUActivation()(linear(x))
+        linear.gelu = True
+        try:
+            got = linear(x)
+        except RuntimeError as e:  # a oneDNN build without the post-op
+            log.warning("GPT-2's activation not fused into the linear layer: %s", e)
+            return False
+        finally:
+            linear.gelu = False
+    if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+        log.warning("GPT-2's activation not fused into the linear layer: oneDNN's differs "
+                    "from gelu_new by %.1e", (got - want).abs().max().item())
+        return False
+    return True
+
+
 def quantize_int8(model: Any) -> int:
     """Every `Conv1D` and `nn.Linear` of `model` as torch's dynamically quantized int8
     `Linear` (per-tensor weight scale, as `torch.ao.quantization.quantize_dynamic`), one layer
@@ -209,6 +264,74 @@ def quantize_int8(model: Any) -> int:
     with warnings.catch_warnings():  # torch 2.10+ flags the qint8 tensor API as deprecated
         warnings.simplefilter("ignore", UserWarning)
         return _replace_layers(model, lambda c: isinstance(c, (Conv1D, nn.Linear)), convert)
+
+
+def _int8_embedding_class():
+    import torch
+    from torch import nn
+
+    class Int8Embedding(nn.Module):
+        """A token embedding stored as int8 with one fp32 scale per row (symmetric: a row's
+        largest magnitude maps to 127); a lookup returns the rows dequantized to fp32."""
+
+        def __init__(self, weight: torch.Tensor, mappings=None):
+            """Converted 1,024 rows at a time; with `mappings` (`bot.memory.FileMappings`)
+            each block's checkpoint pages are dropped once converted."""
+            from bot.memory import drop_file_pages
+
+            super().__init__()
+            self.num_embeddings, self.embedding_dim = weight.shape
+            rows = torch.empty(weight.shape, dtype=torch.int8)
+            scale = torch.empty(weight.shape[0], dtype=torch.float32)
+            for begin in range(0, weight.shape[0], 1024):
+                block = weight.detach()[begin:begin + 1024]
+                s = block.abs().amax(dim=1).float().clamp_(min=1e-12).div_(127.0)
+                scale[begin:begin + 1024] = s
+                rows[begin:begin + 1024] = torch.round(block / s[:, None]).to(torch.int8)
+                drop_file_pages(block, mappings)
+            self.register_buffer("rows", rows, persistent=False)
+            self.register_buffer("scale", scale, persistent=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.rows[ids].float().mul_(self.scale[ids].unsqueeze(-1))
+
+        def extra_repr(self) -> str:
+            return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+    return Int8Embedding
+
+
+def int8_token_embedding(model: Any) -> bool:
+    """Replace GPT-2's token embedding (`transformer.wte`, fp32, tied to the LM head, which
+    `quantize_int8` has already copied to int8) by an `Int8Embedding`, and drop the fp32
+    original's checkpoint pages. A lookup reads one row; over a bot's life nearly every row
+    is read once, so the mapped fp32 matrix became resident bit by bit (DialoGPT-medium:
+    206 MB, a fifth of the int8 model); int8 rows take a quarter of it. False (nothing
+    changed) when the model has no such embedding."""
+    from torch import nn
+
+    from bot.memory import FileMappings, drop_file_pages, release_freed_memory
+
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    if type(wte) is not nn.Embedding:
+        return False
+    mappings = FileMappings()
+    model.transformer.wte = _int8_embedding_class()(wte.weight, mappings)
+    drop_file_pages(wte.weight, mappings)
+    del wte
+    release_freed_memory()
+    return True
+
+
+def activation_dtype(model: Any) -> Any:
+    """The dtype `model` computes in: what its token embedding returns (an int8 model's
+    embedding returns fp32 rows)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model.get_input_embeddings()(torch.zeros((1, 1), dtype=torch.long,
+                                                        device=device)).dtype
 
 
 def _gelu_class():
@@ -269,14 +392,15 @@ def _prepare(model: Any, quantize: str, device: str, pack: bool) -> Any:
     if quantize == "none":
         if pack and not is_cuda(device):
             if can_pack():
-                log.info("fp32 weights packed for oneDNN: %d linear layers",
-                         pack_linear_weights(model))
+                log.info("fp32 weights packed for oneDNN: %d linear layers, GPT-2's activation "
+                         "fused into %d of them", pack_linear_weights(model), fuse_gelu(model))
             else:
                 log.warning("DIALOGBOT_PACK_WEIGHTS: this torch has no oneDNN linear ops; "
                             "using torch's default matmul")
         return model
     if quantize == "int8":
-        log.info("dynamic int8 quantization: %d linear layers", quantize_int8(model))
+        log.info("dynamic int8 quantization: %d linear layers, int8 token embedding: %s",
+                 quantize_int8(model), int8_token_embedding(model))
         return model
     dtype = torch.bfloat16 if quantize == "bf16" else torch.float16
     log.info("model weights cast to %s", dtype)

@@ -176,6 +176,32 @@ def test_int8_model_is_quantized(never_eos_dir):
     assert len(quantized) == 4 * 2 + 1  # 4 per layer and the LM head
 
 
+def test_int8_token_embedding_is_the_fp32_one_rounded_per_row(never_eos_dir):
+    """The int8 model's token embedding: every row within half a step (its own scale) of
+    the fp32 row, the model's other parts unchanged, and replies still come."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bot.hf import TransformersBackend
+
+    plain = AutoModelForCausalLM.from_pretrained(never_eos_dir).eval()
+    backend = TransformersBackend(str(never_eos_dir), threads=1, quantize="int8")
+    backend.load()
+    wte = backend.model.transformer.wte
+    assert type(wte).__name__ == "Int8Embedding" and wte.rows.dtype == torch.int8
+    ids = torch.arange(plain.config.vocab_size)
+    with torch.inference_mode():
+        want = plain.transformer.wte(ids)
+        got = wte(ids)
+    step = want.abs().amax(dim=1, keepdim=True) / 127
+    assert ((got - want).abs() <= step / 2 + 1e-7).all()
+    assert not torch.equal(got, want)  # rounded, really
+    assert torch.equal(backend.model.transformer.wpe.weight, plain.transformer.wpe.weight)
+    out = backend.model.generate(torch.tensor([[15496, 995, EOS]]), max_new_tokens=5,
+                                 do_sample=False, pad_token_id=EOS)
+    assert out.shape == (1, 8)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (dict(quantize="fp16"), "DIALOGBOT_QUANTIZE=fp16 needs a CUDA device"),
     (dict(quantize="int8", device="cuda"), "CPU only"),

@@ -155,6 +155,8 @@ def test_packed_fp32_model_computes_what_the_plain_model_does(tiny_model_dir):
     kinds = [type(m).__name__ for m in backend.model.modules()]
     assert kinds.count("PackedLinear") == 4 * 2 + 1  # 4 per layer and the LM head
     assert not any(isinstance(m, Conv1D) for m in backend.model.modules())
+    for block in backend.model.transformer.h:  # GPT-2's activation runs inside c_fc
+        assert block.mlp.c_fc.gelu and isinstance(block.mlp.act, torch.nn.Identity)
     ids = torch.randint(300, 40000, (3, 50), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         got, want = backend.model(ids).logits, plain(ids).logits
@@ -164,6 +166,34 @@ def test_packed_fp32_model_computes_what_the_plain_model_does(tiny_model_dir):
                                      do_sample=False, pad_token_id=50256)
         assert out.tolist() == plain.generate(ids, attention_mask=mask, max_new_tokens=12,
                                               do_sample=False, pad_token_id=50256).tolist()
+
+
+@needs_onednn
+def test_the_activation_is_fused_only_where_onednn_computes_gelu_new(tiny_model_dir,
+                                                                     monkeypatch):
+    """The fused activation equals transformers' gelu_new within 1e-5 on one layer's real
+    output; where the check fails (a oneDNN computing it differently) the MLPs keep the
+    in-place activation and the linear layer computes no activation."""
+    from transformers.activations import NewGELUActivation
+
+    from bot import quant
+
+    backend = TransformersBackend(str(tiny_model_dir), threads=1)
+    backend.load()
+    mlp = backend.model.transformer.h[0].mlp
+    x = torch.randn(40, mlp.c_fc.in_features, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.inference_mode():
+        fused = mlp.c_fc(x)
+        mlp.c_fc.gelu = False
+        plain = mlp.c_fc(x)
+    assert not torch.equal(fused, plain)
+    assert (fused - NewGELUActivation()(plain)).abs().max() < 1e-5
+
+    monkeypatch.setattr(quant, "_fused_gelu_agrees", lambda linear: False)
+    backend = TransformersBackend(str(tiny_model_dir), threads=1)
+    backend.load()
+    for block in backend.model.transformer.h:
+        assert not block.mlp.c_fc.gelu and type(block.mlp.act).__name__ == "InPlaceGELU"
 
 
 def test_packing_can_be_switched_off(tiny_model_dir):
