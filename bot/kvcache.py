@@ -500,13 +500,18 @@ class PrefixCache:
     def take(self, key: str, prompt: Sequence[int]) -> tuple[int, RowKV | None]:
         """How many leading tokens of `prompt` have cached keys/values (always leaving at
         least one token to run, for the next token's logits) and the buffer holding them,
-        which now belongs to the caller; (0, None) on a miss."""
+        which now belongs to the caller; (0, None) on a miss. An entry sharing no token with
+        `prompt` is dropped at once (a conversation's prompts only extend its latest one, so
+        it can never be reused): its buffer is freed before this prompt's is filled, instead
+        of both being held until `put`."""
         with self._lock:
             entry = self._entries.get(key)
-            reuse = 0 if entry is None else min(common_prefix(entry.ids, prompt),
-                                                len(prompt) - 1)
+            shared = 0 if entry is None else common_prefix(entry.ids, prompt)
+            reuse = min(shared, len(prompt) - 1)
             if reuse <= 0:
                 self.misses += 1
+                if entry is not None and shared == 0:  # the window slid: never a prefix again
+                    self._drop(key)
                 return 0, None
             self._drop(key)
             self.hits += 1

@@ -179,6 +179,28 @@ def test_window_keeps_the_end_of_a_single_huge_message():
     assert build_window(turns, 960, EOS, 256) == build_prompt(turns, 960, EOS)
 
 
+def test_a_miss_that_shares_no_token_frees_the_stale_prefix_at_once():
+    """After a window slide the cached prefix shares nothing with the prompt and never will:
+    it is dropped when the miss is taken (its buffer freed before the new prompt's is
+    filled), not held beside the new row until `put` replaces it. A prompt that shares
+    tokens but is too short to reuse any (one token) keeps the entry."""
+    import weakref
+
+    from bot.kvcache import PrefixCache, RowKV
+
+    prefix = PrefixCache(10**6)
+    row = RowKV(torch.empty(1))
+    alive = weakref.ref(row.buf)
+    assert prefix.put("telegram:1", [5, 6, 7], row, prefix.ticket())
+    del row
+    assert prefix.take("telegram:1", [5]) == (0, None)  # shares a token: kept
+    assert "telegram:1" in prefix and prefix.bytes_used == 3
+    assert prefix.take("telegram:1", [8, 9, 10]) == (0, None)  # the window slid
+    assert "telegram:1" not in prefix and prefix.bytes_used == 0
+    assert alive() is None  # the buffer is gone, not waiting for the next put
+    assert prefix.stats().misses == 2
+
+
 # --- forgetting a channel's conversations --------------------------------------------------
 def test_forgetting_a_channel_drops_every_conversation_inside_it():
     from bot.kvcache import PrefixCache, RowKV
