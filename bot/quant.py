@@ -11,8 +11,8 @@ model is loaded and moved to its device:
   2 AVX2 cores, one row ~1.15x. Greedy replies match the model card's loop in the tests.
 - `int8`: CPU only. GPT-2's `Conv1D` layers (a linear layer with its weight stored transposed)
   become `nn.Linear`, then torch's dynamic quantization stores every linear weight (attention,
-  MLP, the LM head) as int8 and quantizes activations on the fly. The token embedding (the
-  LM head's fp32 twin) is stored as int8 rows with a scale each (`int8_token_embedding`). Activations are scaled per
+  MLP, the LM head) as int8 and quantizes activations on the fly; the token embedding is
+  stored as int8 rows with a scale each (`int8_token_embedding`). Activations are scaled per
   batch, so a reply can differ slightly from fp32 (and a batched row from a solo run):
   token-exact parity is an fp32 property; int8 replies are checked for well-formedness only.
 - `bf16`: `model.to(torch.bfloat16)` on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA.
@@ -302,12 +302,12 @@ def _int8_embedding_class():
 
 
 def int8_token_embedding(model: Any) -> bool:
-    """Replace GPT-2's token embedding (`transformer.wte`, fp32, tied to the LM head, which
-    `quantize_int8` has already copied to int8) by an `Int8Embedding`, and drop the fp32
-    original's checkpoint pages. A lookup reads one row; over a bot's life nearly every row
-    is read once, so the mapped fp32 matrix became resident bit by bit (DialoGPT-medium:
-    206 MB, a fifth of the int8 model); int8 rows take a quarter of it. False (nothing
-    changed) when the model has no such embedding."""
+    """Replace GPT-2's token embedding (`transformer.wte`, fp32; the released DialoGPT ties
+    it to the LM head, which `quantize_int8` has already copied to int8) by an
+    `Int8Embedding`, and drop the fp32 original's checkpoint pages. A lookup reads one
+    row; over a bot's life nearly every row is read once, so the mapped fp32 matrix became
+    resident bit by bit (DialoGPT-medium: 206 MB, a fifth of the int8 model); int8 rows
+    take a quarter of it. False (nothing changed) when the model has no such embedding."""
     from torch import nn
 
     from bot.memory import FileMappings, drop_file_pages, release_freed_memory
