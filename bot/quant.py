@@ -34,6 +34,7 @@ Anything that cannot run where it was asked raises `ConfigError` naming DIALOGBO
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -138,6 +139,7 @@ def cast_parameters(model: Any, dtype: Any) -> None:
             del old
 
 
+@functools.cache  # one class per process: isinstance works across calls
 def _packed_linear_class():
     import torch
     from torch import nn
@@ -211,10 +213,9 @@ def fuse_gelu(model: Any) -> int:
     from torch import nn
     from transformers.activations import NewGELUActivation
 
-    gelus = (NewGELUActivation, _gelu_class())
     mlps = [m for m in model.modules()
-            if hasattr(getattr(m, "c_fc", None), "packed_weight")
-            and type(getattr(m, "act", None)).__name__ in {c.__name__ for c in gelus}]
+            if isinstance(getattr(m, "c_fc", None), _packed_linear_class())
+            and isinstance(getattr(m, "act", None), (NewGELUActivation, _gelu_class()))]
     if not mlps or not _fused_gelu_agrees(mlps[0].c_fc):
         return 0
     for mlp in mlps:
@@ -266,6 +267,7 @@ def quantize_int8(model: Any) -> int:
         return _replace_layers(model, lambda c: isinstance(c, (Conv1D, nn.Linear)), convert)
 
 
+@functools.cache
 def _int8_embedding_class():
     import torch
     from torch import nn
@@ -310,14 +312,12 @@ def int8_token_embedding(model: Any) -> bool:
     take a quarter of it. False (nothing changed) when the model has no such embedding."""
     from torch import nn
 
-    from bot.memory import FileMappings, drop_file_pages, release_freed_memory
+    from bot.memory import FileMappings, release_freed_memory
 
     wte = getattr(getattr(model, "transformer", None), "wte", None)
     if type(wte) is not nn.Embedding:
         return False
-    mappings = FileMappings()
-    model.transformer.wte = _int8_embedding_class()(wte.weight, mappings)
-    drop_file_pages(wte.weight, mappings)
+    model.transformer.wte = _int8_embedding_class()(wte.weight, FileMappings())
     del wte
     release_freed_memory()
     return True
@@ -334,6 +334,7 @@ def activation_dtype(model: Any) -> Any:
                                                         device=device)).dtype
 
 
+@functools.cache
 def _gelu_class():
     import math
 
