@@ -312,15 +312,13 @@ def int8_token_embedding(model: Any) -> bool:
     take a quarter of it. False (nothing changed) when the model has no such embedding."""
     from torch import nn
 
-    from bot.memory import FileMappings, release_freed_memory
+    from bot.memory import FileMappings
 
     wte = getattr(getattr(model, "transformer", None), "wte", None)
     if type(wte) is not nn.Embedding:
         return False
     model.transformer.wte = _int8_embedding_class()(wte.weight, FileMappings())
-    del wte
-    release_freed_memory()
-    return True
+    return True  # the conversion's temporaries go back when `prepare_model` returns
 
 
 def activation_dtype(model: Any) -> Any:
