@@ -30,7 +30,8 @@ from bot.errors import ConfigError
 from bot.trainingdata import (IGNORE, LOSSES, Corpus, CsvColumns, Encoded, detect_format,
                               encode_corpus, file_sha256, read_corpus)
 from bot.trainoutput import OutputDir, same_run
-from bot.trainprocess import Say, StopRequest, barrier, rank, stop_on_signals, world_size
+from bot.trainprocess import (Say, StopRequest, barrier, leave_process_group, rank,
+                               stop_on_signals, world_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +193,14 @@ def plan(options: TrainOptions, report: Say) -> Plan:
 def train(options: TrainOptions, say: Say = print, callbacks: Sequence[Any] = (),
           stop: StopRequest | None = None) -> TrainResult:
     """Check everything, train, write `options.out` (see module docstring)."""
-    with _quiet_transformers():
-        return _train(options, say, callbacks, stop)
+    try:
+        with _quiet_transformers():
+            result = _train(options, say, callbacks, stop)
+    except BaseException:
+        leave_process_group(wait=False)
+        raise
+    leave_process_group(wait=True)
+    return result
 
 
 def _train(options: TrainOptions, say: Say, callbacks: Sequence[Any],

@@ -181,17 +181,40 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(tmp_path, env, tiny_
     assert json.loads((out / "dialogbot-training.json").read_text())["steps"] == 100
 
 
-def test_torchrun_two_cpu_processes_train_and_write_one_model(tmp_path, env, tiny_model_dir):
+# Loaded by every Python the test starts (PYTHONPATH): at interpreter exit each worker says
+# whether it is still in the process group. One that is leaves gloo's threads to be torn down
+# with Python, which now and then aborts it (SIGABRT; once in CI).
+EXIT_PROBE = """
+import atexit, os, sys
+
+def _say():
+    import torch.distributed as dist
+    print(f"rank {os.environ['RANK']} at exit: in a process group: {dist.is_initialized()}",
+          file=sys.stderr, flush=True)
+
+if "RANK" in os.environ:
+    atexit.register(_say)
+"""
+
+
+def test_torchrun_two_cpu_processes_train_and_write_one_model(tmp_path, tmp_path_factory, env,
+                                                              tiny_model_dir):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"turns": [q, a, q]}) + "\n" for q, a in EXCHANGES))
     out = tmp_path / "ddp"
+    probe = tmp_path_factory.mktemp("exit-probe")
+    (probe / "sitecustomize.py").write_text(EXIT_PROBE)
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", str(BIN), "train", str(data),
          "--base", str(tiny_model_dir), "--out", str(out), "--max-steps", "6",
          "--batch-size", "2", "--eval-fraction", "0.25"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        capture_output=True, text=True, env=dict(env, PYTHONPATH=str(probe)), cwd=tmp_path,
+        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    for worker in ("0", "1"):
+        assert f"rank {worker} at exit: in a process group: False" in result.stderr, \
+            result.stderr[-3000:]
     assert result.stdout.count("model written to") == 1
     assert "(2 processes)" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "ddp"]
