@@ -30,8 +30,8 @@ from bot.errors import ConfigError
 from bot.trainingdata import (IGNORE, LOSSES, Corpus, CsvColumns, Encoded, detect_format,
                               encode_corpus, file_sha256, read_corpus)
 from bot.trainoutput import OutputDir, same_run
-from bot.trainprocess import (Say, StopRequest, barrier, leave_process_group, rank,
-                               stop_on_signals, world_size)
+from bot.trainprocess import (Say, StopRequest, barrier, in_process_group,
+                               leave_process_group, rank, stop_on_signals, world_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +338,7 @@ def _perplexity(trainer: Any, eval_set: list[Encoded], collator: Collator,
                                          reduction="sum").double()
             totals[1] += int((labels != IGNORE).sum())
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.all_reduce(totals)
     return math.exp(min(float(totals[0] / totals[1]), 700.0))
 

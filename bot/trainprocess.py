@@ -33,7 +33,7 @@ class StopRequest:
         """Whether any process asked to stop (every data-parallel rank stops at one step)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not in_process_group():
             return self.is_set()
         flag = _flag_tensor([1 if self.is_set() else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -84,10 +84,17 @@ def _flag_tensor(values: list[int]):
     return torch.tensor(values, device=device)
 
 
+def in_process_group() -> bool:
+    """Whether this process is one rank of an initialised data-parallel group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.barrier()
 
 
@@ -100,8 +107,8 @@ def leave_process_group(*, wait: bool) -> None:
     error nobody waits, since a failed rank may never get there. No-op with one process."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_process_group():
         return
     if wait:
-        dist.barrier()
+        barrier()
     dist.destroy_process_group()

@@ -65,11 +65,6 @@ def small_model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "small", "small")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny", "tiny")
-
-
 def load_in_a_fresh_process(folder: Path, warm_up: Path, quantize: str, *extra: str) -> dict:
     done = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(warm_up), quantize,
                            *extra],
